@@ -1,0 +1,96 @@
+"""Frozen configuration dataclasses, one per part; each validates itself in `__post_init__`.
+
+`ModelConfig` is our own normalised description of a decoder model, derived once at import from the
+source's config (HF config.json or GGUF metadata) and stored beside the expert image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARCHS = ("llama", "gemma2", "gemma3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    rope_scaling: dict | None = None  # Llama 3.1 style: factor, low/high_freq_factor, original_max
+    hidden_act: str = "silu"
+    # Gemma only.
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # "sliding_attention" / "full_attention" per layer
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unsupported architecture {self.arch!r}; supported: {', '.join(ARCHS)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name} must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("model config: num_heads must be a multiple of num_kv_heads")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError("model config: layer_types must have one entry per layer")
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    @property
+    def is_gemma(self) -> bool:
+        return self.arch.startswith("gemma")
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+
+def default_home() -> Path:
+    """Where experts live: $COE_HOME, else the user's cache directory."""
+    env = os.environ.get("COE_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "coeserve"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 16
+    max_seq_len: int = 2048  # KV cache length per sequence; capped by the model's context
+    fused: bool = False  # torch.compile the decode step (and CUDA graphs on CUDA)
+    device: str = "auto"
+    dtype: str = "auto"  # fp32 on CPU, bf16 on CUDA
+    prefill_chunk: int = 512
+    batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64))
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_seq_len < 2 or self.prefill_chunk < 1:
+            raise ValueError("engine config: max_batch, max_seq_len and prefill_chunk must be positive")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"engine config: unknown dtype {self.dtype!r}")

@@ -1,0 +1,55 @@
+"""The KV cache: per layer, one [slots, kv_heads, max_len, head_dim] tensor for keys and one for values,
+allocated once. A sequence owns a slot for its life; its token at position p lives at index p."""
+from __future__ import annotations
+
+import torch
+
+from coeserve.config import ModelConfig
+
+
+class CacheFull(RuntimeError):
+    pass
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype, device):
+        shape = (num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.num_slots, self.max_len = num_slots, max_len
+        self.free = list(range(num_slots))
+        self.read_len = max_len
+        self.span: tuple[int, int] | None = None  # slots lo..hi when the step's slots are contiguous
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise CacheFull("no free KV cache slot")
+        self.free.sort()
+        return self.free.pop(0)
+
+    def release(self, slot: int) -> None:
+        if slot not in self.free:
+            self.free.append(slot)
+
+    def set_step(self, slots: list[int], read_len: int) -> None:
+        """Before a forward: how many positions attention reads, and whether slots form a range
+        (then keys are a view, not a gather)."""
+        self.read_len = read_len
+        lo = slots[0]
+        self.span = (lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
+
+    def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, T, H, D] at their positions; return keys, values [B, H, L, D] and L."""
+        kc, vc = self.k[layer], self.v[layer]
+        idx = slots.unsqueeze(1).expand_as(positions)
+        kc[idx, :, positions] = k
+        vc[idx, :, positions] = v
+        L = self.read_len
+        if self.span is not None:
+            lo, hi = self.span
+            return kc[lo:hi, :, :L], vc[lo:hi, :, :L], L
+        return kc[slots, :, :L], vc[slots, :, :L], L

@@ -1,0 +1,13 @@
+"""Our own PyTorch model code (no transformers modeling code at run time)."""
+from __future__ import annotations
+
+from coeserve.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig):
+    """The model class for an architecture; weights are bound afterwards with `bind`."""
+    if cfg.is_gemma:
+        from coeserve.models.gemma import Gemma
+        return Gemma(cfg)
+    from coeserve.models.llama import Llama
+    return Llama(cfg)

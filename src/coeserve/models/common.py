@@ -1,0 +1,148 @@
+"""Parts shared by our decoder models: RMSNorm, rotary embeddings, attention over the slot KV cache,
+and the `Decoder` base that builds on the meta device and binds weights as views into an expert image.
+
+One forward call takes tokens [B, T] with their positions [B, T] and cache slots [B]: prefill is B=1 and
+decode is T=1, so a whole decode batch runs in one pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coeserve.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * w.float()).to(x.dtype)
+
+
+def inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    f = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if not scaling:
+        return f
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between blended.
+    factor, lo, hi = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / f
+    smooth = ((old / wavelen) - lo) / (hi - lo)
+    blended = (1 - smooth) * f / factor + smooth * f
+    out = torch.where(wavelen > old / lo, f / factor, f)
+    mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+    return torch.where(mid, blended, out)
+
+
+def rope_table(head_dim: int, theta: float, scaling: dict | None, length: int) -> torch.Tensor:
+    """[length, head_dim] with cos in the first half of the last dim and sin in the second."""
+    freqs = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq(head_dim, theta, scaling))
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D]; cs [B, T, D] gathered for the tokens' positions (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    cos, sin = cs[..., :half].unsqueeze(2), cs[..., half:].unsqueeze(2)
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def attention_mask(positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """[B, 1, T, L] bool: key j is visible to the query at position p when j <= p (and p - j < window)."""
+    j = torch.arange(length, device=positions.device)
+    p = positions.unsqueeze(-1)
+    ok = j <= p
+    if window:
+        ok = ok & (j > p - window)
+    return ok.unsqueeze(1)
+
+
+class Decoder(nn.Module):
+    """Base of our models. Subclasses define the layer (`block`) and the embedding scale."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_ready: Callable[[int], None] | None = None  # layer streaming hook (store sets it)
+
+    # -- weights --------------------------------------------------------------------------------
+    def bind(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Make every parameter a view of the given tensors (no copy); they may live in a slot buffer."""
+        missing = [n for n in self.param_names() if n not in tensors]
+        if missing:
+            raise ValueError(f"image lacks tensors: {', '.join(missing[:5])}")
+        self.w = {n: tensors[n] for n in self.param_names()}
+        self.embed = self.w["embed.weight"]
+        self.head = self.w.get("lm_head.weight", self.embed)
+
+    def param_names(self) -> list[str]:
+        c = self.cfg
+        names = ["embed.weight", "norm.weight"] + ([] if c.tie_word_embeddings else ["lm_head.weight"])
+        for i in range(c.num_layers):
+            names += [f"layers.{i}.{n}.weight" for n in self.layer_params()]
+            if c.attention_bias:
+                names.append(f"layers.{i}.qkv.bias")
+        return names
+
+    def layer_params(self) -> list[str]:
+        return ["attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down"]
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, V] at index `last[b]` of each row (default: the final token)."""
+        x = self.embed_tokens(tokens)
+        for i in range(self.cfg.num_layers):
+            if self.layer_ready is not None:
+                self.layer_ready(i)
+            x = self.block(i, x, positions, slots, kv)
+        if last is None:
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
+        x = rms_norm(x, self.w["norm.weight"], self.cfg.rms_norm_eps)
+        return self.logits(x)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.embed)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.head).float()
+        cap = self.cfg.final_logit_softcapping
+        return torch.tanh(out / cap) * cap if cap else out
+
+    def qkv(self, i: int, h: torch.Tensor):
+        c, w = self.cfg, self.w
+        qkv = F.linear(h, w[f"layers.{i}.qkv.weight"], w.get(f"layers.{i}.qkv.bias"))
+        B, T, _ = h.shape
+        nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q = qkv[..., :nq].view(B, T, c.num_heads, c.head_dim)
+        k = qkv[..., nq:nq + nk].view(B, T, c.num_kv_heads, c.head_dim)
+        v = qkv[..., nq + nk:].view(B, T, c.num_kv_heads, c.head_dim)
+        return q, k, v
+
+    def attend(self, i: int, q, k, v, positions, slots, kv, rope: torch.Tensor, window: int | None,
+               scale: float, softcap: float | None) -> torch.Tensor:
+        cs = rope[positions]
+        q, k = apply_rope(q, cs), apply_rope(k, cs)
+        keys, values, length = kv.update(i, slots, positions, k, v)
+        mask = attention_mask(positions, length, window)
+        q = q.transpose(1, 2)  # [B, H, T, D]
+        if softcap is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        else:
+            rep = self.cfg.num_heads // self.cfg.num_kv_heads
+            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+            s = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
+            s = torch.tanh(s / softcap) * softcap
+            s = s.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(torch.softmax(s, dim=-1), values.float()).to(q.dtype)
+        B, H, T, D = out.shape
+        return out.transpose(1, 2).reshape(B, T, H * D)
+
+    def block(self, i, x, positions, slots, kv):  # pragma: no cover - subclasses define it
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""The expert store. disk.py: imported experts on disk (the slowest tier)."""

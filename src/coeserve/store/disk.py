@@ -1,0 +1,151 @@
+"""The disk tier: one directory per imported expert under `<home>/experts/NAME/` holding the expert
+image (image.bin + index.json), our model config, metadata and tokenizer files.
+
+Imports are written to a temporary directory beside the target and renamed into place at the end,
+so an interrupted or failed import leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from coeserve.config import ModelConfig
+from coeserve.formats import convert, image
+from coeserve.formats.checkpoint import Checkpoint, ImportError_
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CONFIG_FILE, META_FILE, TOKENIZER_DIR = "config.json", "meta.json", "tokenizer"
+
+
+class ExpertNotFound(KeyError):
+    def __str__(self) -> str:
+        return f"expert {self.args[0]!r} is not installed (see `coe experts`, `coe pull`, `coe import`)"
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    name: str
+    arch: str
+    params: int
+    dtype: str
+    bytes: int
+    source: str
+    path: Path
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name) or ".." in name:
+        raise ValueError(f"invalid expert name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    return name
+
+
+def open_source(source: Path) -> Checkpoint:
+    from coeserve.formats.gguf import read_gguf
+    from coeserve.formats.hf import read_hf_dir
+
+    if not source.exists():
+        raise ImportError_(f"{source}: no such file or directory")
+    if source.is_dir():
+        return read_hf_dir(source)
+    return read_gguf(source)
+
+
+class DiskStore:
+    def __init__(self, home: Path):
+        self.home = Path(home)
+        self.root = self.home / "experts"
+
+    def path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / META_FILE).is_file()
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / META_FILE).is_file())
+
+    def info(self, name: str) -> ExpertInfo:
+        p = self.path(name)
+        try:
+            meta = json.loads((p / META_FILE).read_text())
+        except FileNotFoundError:
+            raise ExpertNotFound(name) from None
+        return ExpertInfo(name, meta["arch"], meta["params"], meta["dtype"], meta["bytes"], meta["source"], p)
+
+    def config(self, name: str) -> ModelConfig:
+        try:
+            return ModelConfig.from_dict(json.loads((self.path(name) / CONFIG_FILE).read_text()))
+        except FileNotFoundError:
+            raise ExpertNotFound(name) from None
+
+    def remove(self, name: str) -> None:
+        shutil.rmtree(self.path(name))
+
+    def import_source(self, source: Path, name: str, dtype: str = "fp32",
+                      progress: Callable[[int, int], None] | None = None, label: str | None = None) -> ExpertInfo:
+        """Import an HF directory or a GGUF file as expert `name` (replacing an existing one)."""
+        check_name(name)
+        if dtype not in image.DTYPES:
+            raise ImportError_(f"unknown dtype {dtype!r} (choose from {', '.join(image.DTYPES)})")
+        ck = open_source(Path(source))
+        cfg = convert.model_config(ck.hf_config, str(source))
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
+        try:
+            self._write(tmp, ck, cfg, name, dtype, progress, label or str(source))
+            tmp.chmod(0o755)
+            final = self.path(name)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if ck.tokenizer_dir and ck.tokenizer_dir != ck.source and ck.tokenizer_dir.name.startswith("coe-tok-"):
+                shutil.rmtree(ck.tokenizer_dir, ignore_errors=True)
+        return self.info(name)
+
+    def _write(self, d: Path, ck: Checkpoint, cfg: ModelConfig, name: str, dtype: str, progress, label: str) -> None:
+        total = 3 + 7 * cfg.num_layers  # tensor count of the image, near enough for a progress bar
+        count, params = 0, 0
+
+        def counted():
+            nonlocal count, params
+            for n, t in convert.baked_tensors(ck, cfg):
+                count += 1
+                params += t.numel()
+                if progress:
+                    progress(min(count, total), total)
+                yield n, t
+
+        layer_of = _LayerOf(cfg)
+        index = image.write_image(d, counted(), dtype, layer_of)
+        (d / image.INDEX_FILE).write_text(index.to_json())
+        (d / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+        if ck.tokenizer_dir:
+            from coeserve.formats.hf import TOKENIZER_FILES
+            (d / TOKENIZER_DIR).mkdir()
+            for f in TOKENIZER_FILES:
+                if (ck.tokenizer_dir / f).is_file():
+                    shutil.copy2(ck.tokenizer_dir / f, d / TOKENIZER_DIR / f)
+        meta = {"name": name, "arch": cfg.arch, "params": params, "dtype": dtype, "bytes": index.total_bytes,
+                "source": label, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (d / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+class _LayerOf(dict):
+    """name -> layer, computed on demand (the image writer asks once per tensor)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def __missing__(self, name: str) -> int:
+        return convert.layer_of(name, self.cfg)
