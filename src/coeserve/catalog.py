@@ -40,7 +40,7 @@ BUILTINS = {b.name: b for b in (
 def pull(store, name: str, dtype: str = "fp32", progress=None):
     """Import a built-in expert into the disk store from the package that ships it."""
     if name not in BUILTINS:
-        raise KeyError(f"unknown built-in expert {name!r} (built-ins: {', '.join(BUILTINS)})")
+        raise ValueError(f"unknown built-in expert {name!r} (built-ins: {', '.join(BUILTINS)})")
     b = BUILTINS[name]
     with tempfile.TemporaryDirectory(prefix="coe-pull-") as scratch:
         try:

@@ -76,12 +76,12 @@ class Decoder(nn.Module):
         if missing:
             raise ValueError(f"image lacks tensors: {', '.join(missing[:5])}")
         self.w = {n: tensors[n] for n in self.param_names()}
-        self.embed = self.w["embed.weight"]
-        self.head = self.w.get("lm_head.weight", self.embed)
+        self.head = self.w["lm_head.weight"]  # [hidden, vocab]; a tied embedding is its columns
+        self.embed = self.w.get("embed.weight")
 
     def param_names(self) -> list[str]:
         c = self.cfg
-        names = ["embed.weight", "norm.weight"] + ([] if c.tie_word_embeddings else ["lm_head.weight"])
+        names = ["lm_head.weight", "norm.weight"] + ([] if c.tie_word_embeddings else ["embed.weight"])
         for i in range(c.num_layers):
             names += [f"layers.{i}.{n}.weight" for n in self.layer_params()]
             if c.attention_bias:
@@ -108,16 +108,20 @@ class Decoder(nn.Module):
         return self.logits(x)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:
+            return self.head[:, tokens].permute(1, 2, 0)
         return F.embedding(tokens, self.embed)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.head).float()
+        out = (x @ self.head).float()
         cap = self.cfg.final_logit_softcapping
         return torch.tanh(out / cap) * cap if cap else out
 
     def qkv(self, i: int, h: torch.Tensor):
         c, w = self.cfg, self.w
-        qkv = F.linear(h, w[f"layers.{i}.qkv.weight"], w.get(f"layers.{i}.qkv.bias"))
+        qkv = h @ w[f"layers.{i}.qkv.weight"]
+        if c.attention_bias:
+            qkv = qkv + w[f"layers.{i}.qkv.bias"]
         B, T, _ = h.shape
         nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         q = qkv[..., :nq].view(B, T, c.num_heads, c.head_dim)

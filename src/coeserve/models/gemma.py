@@ -28,7 +28,7 @@ class Gemma(Decoder):
         return super().layer_params() + extra
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(tokens, self.embed)
+        x = super().embed_tokens(tokens)
         # HF multiplies by the normaliser rounded to the activation dtype.
         return x * torch.tensor(self.normalizer, dtype=x.dtype)
 
@@ -42,9 +42,9 @@ class Gemma(Decoder):
         rope = self.rope_local if sliding else self.rope_global
         a = self.attend(i, q, k, v, positions, slots, kv, rope, c.sliding_window if sliding else None,
                         self.scale, c.attn_logit_softcapping)
-        a = F.linear(a, w[f"layers.{i}.o.weight"])
+        a = a @ w[f"layers.{i}.o.weight"]
         x = x + rms_norm(a, w[f"layers.{i}.post_attn_norm.weight"], eps)
         h = rms_norm(x, w[f"layers.{i}.mlp_norm.weight"], eps)
-        gate, up = F.linear(h, w[f"layers.{i}.gate_up.weight"]).chunk(2, dim=-1)
-        m = F.linear(F.gelu(gate, approximate="tanh") * up, w[f"layers.{i}.down.weight"])
+        gate, up = (h @ w[f"layers.{i}.gate_up.weight"]).chunk(2, dim=-1)
+        m = (F.gelu(gate, approximate="tanh") * up) @ w[f"layers.{i}.down.weight"]
         return x + rms_norm(m, w[f"layers.{i}.post_mlp_norm.weight"], eps)

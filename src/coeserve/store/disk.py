@@ -23,7 +23,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CONFIG_FILE, META_FILE, TOKENIZER_DIR = "config.json", "meta.json", "tokenizer"
 
 
-class ExpertNotFound(KeyError):
+class ExpertNotFound(LookupError):
     def __str__(self) -> str:
         return f"expert {self.args[0]!r} is not installed (see `coe experts`, `coe pull`, `coe import`)"
 

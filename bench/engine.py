@@ -1,0 +1,190 @@
+"""Engine benchmark: decode tokens/s of our engine at several batch sizes against transformers `generate`
+(batch 1) on the same weights, prefill tokens/s, and the memory-bandwidth ceiling, in one run.
+
+    python bench/engine.py                           # CPU: SmolLM2-135M-Instruct, fp32
+    python bench/engine.py --synthetic 7b --fused     # GPU: a 7B-shaped random-weight Llama in bf16
+
+The ceiling is bytes read per decode step (weights + the KV cache it attends to) divided by the read
+bandwidth of a large device copy measured in this run. Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from coeserve.config import EngineConfig, default_home
+from coeserve.engine.engine import Engine, Expert
+from coeserve.engine.load import bind_image, load_expert, pick_device, pick_dtype
+from coeserve.engine.sequence import SamplingParams
+from coeserve.formats.synthetic import random_image, synthetic_config
+from coeserve.models import build_model
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes read per second by a large device-to-device copy (each byte is read once, written once)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        sync(dev)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def synthetic_expert(shape: str, dev: torch.device, dtype: str) -> Expert:
+    cfg = synthetic_config(shape)
+    index, buf = random_image(cfg, "bf16" if dtype == "auto" and dev.type == "cuda" else
+                              ("fp32" if dtype == "auto" else dtype), device=dev)
+    model = build_model(cfg, max_len=4096)
+    model.to_device(dev)
+    dt = pick_dtype(dtype, dev)
+    bind_image(model, buf, index, dt)
+    return Expert(f"synthetic-{shape}", cfg, model, None, dev, dt)
+
+
+def decode_rate(engine: Engine, batch: int, prompt: list[int], tokens: int) -> float:
+    params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
+    seqs = [engine.add(engine.make_sequence(prompt, params)) for _ in range(batch)]
+    while any(not s.output_ids for s in seqs) or engine.prefilling:
+        engine.step()  # prefill everything first: this measures decode alone
+    engine.step()  # one decode step outside the clock (fused mode compiles on its first call)
+    sync(engine.expert.device)
+    t, before = time.perf_counter(), sum(len(s.output_ids) for s in seqs)
+    engine.run_until_done()
+    sync(engine.expert.device)
+    return (sum(len(s.output_ids) for s in seqs) - before) / (time.perf_counter() - t)
+
+
+def prefill_rate(engine: Engine, prompt: list[int]) -> float:
+    seq = engine.add(engine.make_sequence(prompt, SamplingParams(max_tokens=1, temperature=0)))
+    sync(engine.expert.device)
+    t = time.perf_counter()
+    engine.run_until_done()
+    sync(engine.expert.device)
+    assert seq.finished
+    return len(prompt) / (time.perf_counter() - t)
+
+
+def transformers_rate(gguf: Path, prompt: list[int], tokens: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ids = torch.tensor([prompt])
+    kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+        t = time.perf_counter()
+        model.generate(ids, **kw)
+        return tokens / (time.perf_counter() - t)
+
+
+def step_bytes(expert: Expert, batch: int, context: int) -> int:
+    """Bytes one decode step must read: every weight once, plus the batch's KV cache."""
+    c = expert.cfg
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in expert.model.w.values()}.values())
+    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * context * batch * expert.model.head.element_size()
+    return weights + kv
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--expert", default="smollm2-135m-instruct")
+    ap.add_argument("--synthetic", help="random-weight shape instead of an installed expert (7b, 1b, tiny)")
+    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--fused", action="store_true", help="also measure fused mode (torch.compile)")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", help="write the JSON result here too")
+    args = ap.parse_args(argv)
+
+    dev = pick_device(args.device)
+    if args.synthetic:
+        expert = synthetic_expert(args.synthetic, dev, args.dtype)
+    else:
+        from coeserve import catalog
+        from coeserve.store.disk import DiskStore
+        store = DiskStore(default_home())
+        catalog.ensure(store, [args.expert] if args.expert in catalog.BUILTINS else [])
+        expert = load_expert(store, args.expert, device=args.device, dtype=args.dtype, max_len=4096)
+    batches = [int(b) for b in args.batches.split(",")]
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, min(expert.cfg.vocab_size, 30000), (args.prompt_len,), generator=gen).tolist()
+    long_prompt = torch.randint(10, min(expert.cfg.vocab_size, 30000), (args.prefill_len,), generator=gen).tolist()
+    bw = copy_bandwidth(dev)
+    rows, result = [], {"bench": "engine", "expert": expert.name, "device": device_name(dev),
+                        "dtype": str(expert.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                        "copy_read_GBps": bw / 1e9}
+    for fused in ([False, True] if args.fused else [False]):
+        mode = "fused" if fused else "unfused"
+        engine = Engine(expert, EngineConfig(max_batch=max(batches), max_seq_len=2048, fused=fused,
+                                             prefill_chunk=args.prefill_len))
+        for b in batches:
+            rate = decode_rate(engine, b, prompt, args.tokens)
+            ceiling = bw / step_bytes(expert, b, args.prompt_len + args.tokens // 2) * b
+            rows.append((f"ours {mode}", b, rate, ceiling))
+            result[f"decode_{mode}_b{b}_tok_s"] = rate
+            result[f"ceiling_b{b}_tok_s"] = ceiling
+        result[f"prefill_{mode}_tok_s"] = prefill_rate(engine, long_prompt)
+    if not args.synthetic and not args.no_transformers:
+        from coeserve import catalog
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            gguf = catalog.BUILTINS[args.expert].locate(Path(d))
+            hf = transformers_rate(gguf, prompt, args.tokens)
+        rows.append(("transformers generate", 1, hf, result["ceiling_b1_tok_s"]))
+        result["transformers_b1_tok_s"] = hf
+        result["ratio_b1_vs_transformers"] = result["decode_unfused_b1_tok_s"] / hf
+    for mode in ("unfused", "fused"):
+        if f"decode_{mode}_b1_tok_s" in result:
+            result[f"ratio_b8_vs_b1_{mode}"] = result.get(f"decode_{mode}_b8_tok_s", 0) / result[f"decode_{mode}_b1_tok_s"]
+            result[f"roofline_b1_{mode}"] = result[f"decode_{mode}_b1_tok_s"] / result["ceiling_b1_tok_s"]
+    if "decode_fused_b1_tok_s" in result:
+        result["ratio_fused_vs_unfused_b1"] = result["decode_fused_b1_tok_s"] / result["decode_unfused_b1_tok_s"]
+    print_table(rows, result)
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()} cpu x{os.cpu_count()}"
+
+
+def print_table(rows, result) -> None:
+    print(f"{'engine':24s} {'batch':>5s} {'tok/s':>9s} {'ceiling':>9s} {'of ceiling':>10s}")
+    for name, b, rate, ceil in rows:
+        print(f"{name:24s} {b:5d} {rate:9.1f} {ceil:9.1f} {rate / ceil:9.0%}")
+    for k in ("prefill_unfused_tok_s", "prefill_fused_tok_s"):
+        if k in result:
+            print(f"{k}: {result[k]:.0f}")
+    for k, v in result.items():
+        if k.startswith("ratio"):
+            print(f"{k}: {v:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The step loop with continuous batching. Each `step()` runs one prefill chunk for a newly admitted
+sequence (if any) and then one decode pass over every running sequence; sequences join and leave the
+batch between steps. The engine is driven by one thread; other threads hand it work through `submit`.
+"""
+from __future__ import annotations
+
+import queue
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from coeserve.config import EngineConfig, ModelConfig
+from coeserve.engine.kv_cache import KVCache
+from coeserve.engine.runner import Runner
+from coeserve.engine.sampler import sample
+from coeserve.engine.sequence import SamplingParams, Sequence, Status
+from coeserve.engine.tokenizer import Codec
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+@dataclass
+class Expert:
+    """A loaded expert: config, model bound to weights, and tokenizer."""
+    name: str
+    cfg: ModelConfig
+    model: object
+    codec: Codec | None  # None: token ids in and out, no text (random-weight benchmark experts)
+    device: torch.device
+    dtype: torch.dtype
+
+
+class Engine:
+    def __init__(self, expert: Expert, config: EngineConfig = EngineConfig()):
+        self.expert, self.config = expert, config
+        self.max_len = min(config.max_seq_len, expert.cfg.max_position, expert.model.max_len)
+        self.kv = KVCache(expert.cfg, config.max_batch, self.max_len, expert.dtype, expert.device)
+        self.runner = Runner(expert.model, self.kv, expert.device, fused=config.fused)
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    # -- requests -------------------------------------------------------------------------------
+    def make_sequence(self, prompt_ids: list[int], params: SamplingParams, on_text=None) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_len:
+            raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this expert's context holds "
+                                f"{self.max_len} (prompt plus at least one generated token)")
+        return Sequence(list(prompt_ids), params, on_text)
+
+    def add(self, seq: Sequence) -> Sequence:
+        """Queue a sequence (engine thread only)."""
+        self.waiting.append(seq)
+        return seq
+
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue a sequence from any thread; it joins at the next step."""
+        self.inbox.put(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        if not seq.finished:
+            self._finish(seq, "abort")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running or not self.inbox.empty())
+
+    # -- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """One scheduling step; returns the sequences that finished in it."""
+        done: list[Sequence] = []
+        self._drain_inbox()
+        self._admit()
+        if self.prefilling:
+            seq = self.prefilling[0]
+            logits = self.runner.prefill(seq, self.config.prefill_chunk)
+            if logits is not None:
+                self.prefilling.popleft()
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                self._append(seq, sample(logits[None], [seq])[0], done)
+        decoding = [s for s in self.running if s.output_ids and not s.finished and s not in done]
+        if decoding:
+            logits = self.runner.decode(decoding)
+            for seq, tok in zip(decoding, sample(logits, decoding)):
+                self._append(seq, tok, done)
+        self.running = [s for s in self.running if not s.finished]
+        return done
+
+    def run_until_done(self) -> None:
+        while self.has_work:
+            self.step()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        seqs = [self.add(self.make_sequence(p, params)) for p in prompts]
+        self.run_until_done()
+        return seqs
+
+    # -- internals ------------------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while not self.inbox.empty():
+            self.waiting.append(self.inbox.get_nowait())
+
+    def _admit(self) -> None:
+        while self.waiting and self.kv.free:
+            seq = self.waiting.popleft()
+            if seq.finished:  # aborted while waiting
+                continue
+            seq.slot = self.kv.allocate()
+            seq.status = Status.PREFILL
+            self.prefilling.append(seq)
+
+    def _append(self, seq: Sequence, token: int, done: list[Sequence]) -> None:
+        codec, p = self.expert.codec, seq.params
+        eos = codec.eos_ids if codec else self.expert.cfg.eos_token_ids
+        if token in eos and not p.ignore_eos:
+            return self._finish(seq, "stop", done)
+        seq.output_ids.append(token)
+        full = codec.decode(seq.output_ids) if codec else ""
+        cut = min((i for i in (full.find(s) for s in p.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            seq.text = full[:cut]
+            return self._finish(seq, "stop", done)
+        seq.text = full
+        if len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len:
+            return self._finish(seq, "length", done)
+        self._emit(seq, final=False)
+
+    def _emit(self, seq: Sequence, final: bool) -> None:
+        end = len(seq.text)
+        if not final:
+            end = len(seq.text.rstrip("\ufffd"))  # an incomplete UTF-8 character is still arriving
+            for s in seq.params.stop:  # hold back text that may begin a stop string
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if seq.text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        if end > seq.emitted and seq.on_text:
+            seq.on_text(seq.text[seq.emitted:end])
+        seq.emitted = max(seq.emitted, end)
+
+    def _finish(self, seq: Sequence, reason: str, done: list[Sequence] | None = None) -> None:
+        seq.finish_reason = reason
+        if reason != "abort":
+            self._emit(seq, final=True)
+        seq.status = Status.FINISHED
+        if seq.slot >= 0:
+            self.kv.release(seq.slot)
+            seq.slot = -1
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        if done is not None:
+            done.append(seq)

@@ -1,0 +1,43 @@
+"""Load an installed expert for the engine: image → buffer, model bound to views of it, tokenizer."""
+from __future__ import annotations
+
+import torch
+
+from coeserve.engine.engine import Expert
+from coeserve.engine.tokenizer import Codec
+from coeserve.formats.image import DTYPES, load_image, tensor_views
+from coeserve.models import build_model
+from coeserve.store.disk import TOKENIZER_DIR, DiskStore
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def bind_image(model, buf: torch.Tensor, index, dtype: torch.dtype) -> None:
+    views = tensor_views(buf, index)
+    # Same dtype: parameters are views of the image. Otherwise (an fp32 image run in bf16) one cast copy.
+    model.bind({n: (t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)) for n, t in views.items()})
+
+
+def load_expert(store: DiskStore, name: str, device: str = "auto", dtype: str = "auto",
+                max_len: int | None = None) -> Expert:
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    cfg = store.config(name)
+    index, buf = load_image(store.path(name))
+    if dev.type != "cpu":
+        buf = buf.to(dev)
+    model = build_model(cfg, max_len=max_len)
+    model.to_device(dev)
+    bind_image(model, buf, index, dt)
+    codec = Codec(store.path(name) / TOKENIZER_DIR, cfg.eos_token_ids)
+    return Expert(name, cfg, model, codec, dev, dt)

@@ -1,0 +1,148 @@
+"""The engine on the real SmolLM2 expert: continuous batching, sampling, stop strings, limits, streaming."""
+from __future__ import annotations
+
+import pytest
+
+from coeserve.config import EngineConfig
+from coeserve.engine.engine import Engine, PromptTooLong
+from coeserve.engine.sequence import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture()
+def engine(smol):
+    return Engine(smol, EngineConfig(max_batch=4, max_seq_len=512))
+
+
+def chat_ids(expert, text):
+    return expert.codec.chat_prompt([{"role": "user", "content": text}])[0]
+
+
+def test_chat_template_from_gguf_is_used(smol):
+    ids, stop = smol.codec.chat_prompt([{"role": "user", "content": "hi"}])
+    text = smol.codec.tok.decode(ids)
+    assert "<|im_start|>user\nhi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    assert stop == ()
+
+
+def test_base_model_gets_plain_format(gemma):
+    assert not gemma.codec.has_chat_template
+    ids, stop = gemma.codec.chat_prompt([{"role": "user", "content": "hi"}])
+    assert gemma.codec.decode(ids).endswith("User: hi\nAssistant:")
+    assert stop == ("\nUser:",)
+
+
+def test_answers_a_question(engine, smol):
+    [seq] = engine.generate([chat_ids(smol, "What is the capital of France?")],
+                            SamplingParams(max_tokens=32, temperature=0))
+    assert "Paris" in seq.text
+    assert seq.finish_reason == "stop"  # ended on <|im_end|>
+
+
+def test_continuous_batching_matches_running_alone(smol):
+    prompts = [chat_ids(smol, q) for q in ("Name a color.", "What is 2+2? Explain briefly.",
+                                          "Write a haiku about the sea.")]
+    alone = [Engine(smol, EngineConfig(max_batch=1, max_seq_len=512)).generate([p], GREEDY)[0].output_ids
+             for p in prompts]
+    eng = Engine(smol, EngineConfig(max_batch=4, max_seq_len=512))
+    seqs = [eng.add(eng.make_sequence(prompts[0], GREEDY))]
+    for _ in range(5):  # the first sequence is decoding when the others join
+        eng.step()
+    seqs += [eng.add(eng.make_sequence(p, GREEDY)) for p in prompts[1:]]
+    batch_sizes = []
+    while eng.has_work:
+        eng.step()
+        batch_sizes.append(len(eng.running))
+    assert max(batch_sizes) == 3  # they really decoded together
+    assert [s.output_ids for s in seqs] == alone
+
+
+def test_more_requests_than_slots_all_finish(engine, smol):
+    seqs = engine.generate([chat_ids(smol, f"Count to {i}.") for i in range(7)],
+                           SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert all(len(s.output_ids) == 5 and s.finish_reason == "length" for s in seqs)
+    assert sorted(engine.kv.free) == [0, 1, 2, 3]
+
+
+def test_seed_reproducible_and_varies(engine, smol):
+    ids = chat_ids(smol, "Tell me a story.")
+    run = lambda seed: engine.generate([ids], SamplingParams(max_tokens=16, temperature=1.0, seed=seed,
+                                                             ignore_eos=True))[0].output_ids
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_top_k_one_is_greedy(engine, smol):
+    ids = chat_ids(smol, "Describe a cat.")
+    greedy = engine.generate([ids], GREEDY)[0].output_ids
+    topk = engine.generate([ids], SamplingParams(max_tokens=24, temperature=1.5, top_k=1, seed=3,
+                                                 ignore_eos=True))[0].output_ids
+    tiny_p = engine.generate([ids], SamplingParams(max_tokens=24, temperature=1.0, top_p=1e-6, seed=3,
+                                                   ignore_eos=True))[0].output_ids
+    assert topk == greedy == tiny_p
+
+
+def test_stop_string_cuts_text(engine, smol):
+    ids = chat_ids(smol, "What is the capital of France?")
+    full = engine.generate([ids], SamplingParams(max_tokens=32, temperature=0))[0].text
+    assert "Paris" in full
+    streamed: list[str] = []
+    seq = engine.add(engine.make_sequence(ids, SamplingParams(max_tokens=32, temperature=0, stop=("Paris",)),
+                                          on_text=streamed.append))
+    engine.run_until_done()
+    assert seq.finish_reason == "stop"
+    assert seq.text == full[: full.index("Paris")]
+    assert "".join(streamed) == seq.text
+
+
+def test_streaming_callback_concatenates_to_text(engine, smol):
+    parts: list[str] = []
+    seq = engine.add(engine.make_sequence(chat_ids(smol, "List three fruits."),
+                                          SamplingParams(max_tokens=40, temperature=0), on_text=parts.append))
+    engine.run_until_done()
+    assert len(parts) > 3 and "".join(parts) == seq.text
+
+
+def test_max_tokens_gives_length(engine, smol):
+    [seq] = engine.generate([chat_ids(smol, "Write a long essay about rivers.")],
+                            SamplingParams(max_tokens=7, temperature=0))
+    assert len(seq.output_ids) == 7 and seq.finish_reason == "length"
+
+
+def test_prompt_longer_than_context_is_a_clear_error(smol):
+    eng = Engine(smol, EngineConfig(max_batch=2, max_seq_len=64))
+    with pytest.raises(PromptTooLong, match="64"):
+        eng.make_sequence(list(range(100, 200)), GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        eng.make_sequence([], GREEDY)
+
+
+def test_generation_stops_at_context_end(smol):
+    eng = Engine(smol, EngineConfig(max_batch=2, max_seq_len=64))
+    [seq] = eng.generate([chat_ids(smol, "Tell me everything about the ocean.")],
+                         SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+    assert seq.finish_reason == "length" and seq.length == 64
+
+
+def test_long_prompt_prefills_in_chunks(smol):
+    ids = chat_ids(smol, "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 30)
+    whole = Engine(smol, EngineConfig(max_batch=1, max_seq_len=1024)).generate([ids], GREEDY)[0]
+    chunked = Engine(smol, EngineConfig(max_batch=1, max_seq_len=1024, prefill_chunk=64)).generate([ids], GREEDY)[0]
+    assert len(ids) > 200 and chunked.output_ids == whole.output_ids
+
+
+def test_abort_frees_the_slot(engine, smol):
+    seq = engine.add(engine.make_sequence(chat_ids(smol, "hi"), GREEDY))
+    engine.step()
+    engine.step()
+    assert seq.slot >= 0
+    engine.abort(seq)
+    assert seq.finish_reason == "abort" and sorted(engine.kv.free) == [0, 1, 2, 3]
+    engine.run_until_done()
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2)])
+def test_bad_sampling_params(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
