@@ -24,7 +24,11 @@ def _progress(label: str):
 
 
 def cmd_import(args) -> None:
+    from pathlib import Path
+
     store = _store(args)
+    if not Path(args.source).exists():
+        raise FileNotFoundError(f"{args.source}: no such file or directory")
     prog, cb = _progress(f"importing {args.name}")
     with prog:
         info = store.import_source(args.source, args.name, dtype=args.dtype, progress=cb)
@@ -61,6 +65,9 @@ def _engine(args, name: str):
 
     cfg = EngineConfig(max_batch=4, max_seq_len=args.max_seq_len, fused=args.fused, device=args.device)
     expert = load_expert(_store(args), name, device=cfg.device, max_len=cfg.max_seq_len)
+    if expert.codec is None:
+        raise ValueError(f"expert {name!r} has no tokenizer files, so it cannot take text (re-import it "
+                         "from a directory that has them)")
     return Engine(expert, cfg)
 
 

@@ -39,5 +39,6 @@ def load_expert(store: DiskStore, name: str, device: str = "auto", dtype: str = 
     model = build_model(cfg, max_len=max_len)
     model.to_device(dev)
     bind_image(model, buf, index, dt)
-    codec = Codec(store.path(name) / TOKENIZER_DIR, cfg.eos_token_ids)
+    tok_dir = store.path(name) / TOKENIZER_DIR
+    codec = Codec(tok_dir, cfg.eos_token_ids) if tok_dir.is_dir() else None  # token ids only
     return Expert(name, cfg, model, codec, dev, dt)

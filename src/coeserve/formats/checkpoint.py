@@ -2,7 +2,8 @@
 (in HF layout, float32, loaded one at a time), and a directory of tokenizer files."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,11 @@ class Checkpoint:
     names: list[str]
     loader: Callable[[str], torch.Tensor]
     tokenizer_dir: Path | None
+    temp_dirs: list[Path] = field(default_factory=list)  # made while reading; removed by close()
+
+    def close(self) -> None:
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def get(self, name: str) -> torch.Tensor:
         return self.loader(name)

@@ -19,20 +19,32 @@ MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "smollm":
                "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
-def _rope(hf: dict) -> tuple[float, float | None, dict | None]:
-    """(global theta, local theta, llama3 scaling) from either the v4 or the v5 transformers layout."""
+ROPE_SCALINGS = ("llama3", "linear")
+
+
+def _scaling(d: dict | None, source: str) -> dict | None:
+    """A rope scaling we implement (normalised to carry `rope_type`), None for none; refuse the rest
+    rather than silently run without it."""
+    kind = (d.get("rope_type") or d.get("type")) if d else None
+    if kind in (None, "default"):
+        return None
+    if kind not in ROPE_SCALINGS:
+        raise ImportError_(f"{source}: unsupported rope scaling {kind!r} (supported: {', '.join(ROPE_SCALINGS)})")
+    return {**d, "rope_type": kind}
+
+
+def _rope(hf: dict, source: str = "") -> tuple[float, float | None, dict | None]:
+    """(global theta, local theta, scaling of the global layers) from the v4 or v5 transformers layout."""
     params = hf.get("rope_parameters") or {}
     if "full_attention" in params:  # per layer type (Gemma 3 in transformers 5)
         full, local = params["full_attention"], params.get("sliding_attention", {})
-        return float(full["rope_theta"]), float(local.get("rope_theta", 10000.0)), None
+        if _scaling(local, source):
+            raise ImportError_(f"{source}: rope scaling on sliding-window layers is not supported")
+        return float(full["rope_theta"]), float(local.get("rope_theta", 10000.0)), _scaling(full, source)
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = params if params.get("rope_type") == "llama3" else hf.get("rope_scaling")
-    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in ("llama3",):
-        if (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-            raise ImportError_(f"unsupported rope scaling {scaling.get('rope_type') or scaling.get('type')!r}")
-        scaling = None
+    scaling = _scaling(params, source) or _scaling(hf.get("rope_scaling"), source)
     local = hf.get("rope_local_base_freq")
-    return float(theta), (float(local) if local else None), (dict(scaling) if scaling else None)
+    return float(theta), (float(local) if local else None), scaling
 
 
 def _layer_types(hf: dict, arch: str, n: int) -> tuple[str, ...]:
@@ -61,7 +73,7 @@ def model_config(hf: dict, source: str = "") -> ModelConfig:
     arch = MODEL_TYPES[mt]
     n_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-    theta, local_theta, scaling = _rope(hf)
+    theta, local_theta, scaling = _rope(hf, source)
     gemma = arch.startswith("gemma")
     layer_types = _layer_types(hf, arch, hf["num_hidden_layers"])
     return ModelConfig(

@@ -66,7 +66,7 @@ def read_gguf(path: Path) -> Checkpoint:
     for t in reader.tensors:
         if t.tensor_type.name not in SUPPORTED_TYPES:
             raise ImportError_(f"{path}: tensor {t.name} has unsupported quantisation {t.tensor_type.name}")
-    hf_config, tok_dir = _config_and_tokenizer(path)
+    hf_config, tok_dir = _config_and_tokenizer(path)  # tok_dir: a temp dir, removed by Checkpoint.close
     by_name = {n: t for t in reader.tensors if (n := hf_name(t.name, arch))}
     n_head, n_kv = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
 
@@ -82,7 +82,7 @@ def read_gguf(path: Path) -> Checkpoint:
             w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm weights; HF layout keeps w
         return torch.from_numpy(np.ascontiguousarray(w))
 
-    return Checkpoint(path, hf_config, list(by_name), load, tok_dir)
+    return Checkpoint(path, hf_config, list(by_name), load, tok_dir, temp_dirs=[tok_dir])
 
 
 def _config_and_tokenizer(path: Path) -> tuple[dict, Path]:

@@ -26,6 +26,8 @@ def inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     f = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if not scaling:
         return f
+    if scaling.get("rope_type") == "linear":  # positions divided by `factor`
+        return f / scaling["factor"]
     # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between blended.
     factor, lo, hi = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
     old = scaling["original_max_position_embeddings"]

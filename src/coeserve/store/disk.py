@@ -70,7 +70,10 @@ class DiskStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / META_FILE).is_file())
+        # Only valid names: `.NAME.xxxx` is the temp dir of an import in progress (or of one killed
+        # between writing meta.json and the final rename), not an expert.
+        return sorted(p.name for p in self.root.iterdir()
+                      if NAME_RE.match(p.name) and ".." not in p.name and (p / META_FILE).is_file())
 
     def info(self, name: str) -> ExpertInfo:
         p = self.path(name)
@@ -96,21 +99,30 @@ class DiskStore:
         if dtype not in image.DTYPES:
             raise ImportError_(f"unknown dtype {dtype!r} (choose from {', '.join(image.DTYPES)})")
         ck = open_source(Path(source))
-        cfg = convert.model_config(ck.hf_config, str(source))
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
+        tmp: Path | None = None
         try:
+            cfg = convert.model_config(ck.hf_config, str(source))
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
             self._write(tmp, ck, cfg, name, dtype, progress, label or str(source))
             tmp.chmod(0o755)
-            final = self.path(name)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            self._swap_in(tmp, self.path(name))
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if ck.tokenizer_dir and ck.tokenizer_dir != ck.source and ck.tokenizer_dir.name.startswith("coe-tok-"):
-                shutil.rmtree(ck.tokenizer_dir, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            ck.close()
         return self.info(name)
+
+    def _swap_in(self, new: Path, final: Path) -> None:
+        """Replace `final` by `new` so that a crash at any point leaves one complete expert there."""
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=self.root))
+            old.rmdir()
+            final.rename(old)
+        new.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _write(self, d: Path, ck: Checkpoint, cfg: ModelConfig, name: str, dtype: str, progress, label: str) -> None:
         total = 3 + 7 * cfg.num_layers  # tensor count of the image, near enough for a progress bar
