@@ -146,3 +146,23 @@ def test_abort_frees_the_slot(engine, smol):
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_fused_mode_matches_unfused():
+    """torch.compile'd decode gives the tokens of the eager one (random-weight tiny Llama, token ids only)."""
+    import torch
+
+    from coeserve.engine.engine import Expert
+    from coeserve.engine.load import bind_image
+    from coeserve.formats.synthetic import random_image, synthetic_config
+    from coeserve.models import build_model
+
+    cfg = synthetic_config("tiny")
+    index, buf = random_image(cfg, seed=1)
+    model = build_model(cfg, max_len=128)
+    bind_image(model, buf, index, torch.float32)
+    expert = Expert("tiny", cfg, model, None, torch.device("cpu"), torch.float32)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [20, 21]]
+    runs = [[s.output_ids for s in Engine(expert, EngineConfig(max_batch=4, max_seq_len=128, fused=f))
+             .generate(prompts, GREEDY)] for f in (False, True)]
+    assert runs[0] == runs[1] and all(len(r) == GREEDY.max_tokens for r in runs[0])

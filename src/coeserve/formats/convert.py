@@ -1,10 +1,9 @@
 """From a source checkpoint (HF names and layout) to our model config and the tensors of an expert image.
 
 Everything derivable is baked here, once, at import: Q/K/V and gate/up are fused into one matrix each,
-every matrix is stored transposed ([in, out], which CPU GEMV kernels stream faster: measured in
-bench/layout.py), and Gemma's `(1 + w)` norm scale is stored as the multiplier itself, so a forward pass
-does no work on weights at load time. A tied embedding is stored once, as the head ([hidden, vocab]);
-token lookup reads its columns.
+and Gemma's `(1 + w)` norm scale is stored as the multiplier itself, so a forward pass does no work on
+weights at load time. Matrices keep the [out, in] layout that oneDNN and cuBLAS take directly (the
+layouts were compared in bench/layout.py).
 """
 from __future__ import annotations
 
@@ -97,7 +96,7 @@ def model_config(hf: dict, source: str = "") -> ModelConfig:
 def layer_of(name: str, cfg: ModelConfig) -> int:
     if name.startswith("layers."):
         return int(name.split(".")[1])
-    if name == "embed.weight" or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+    if name == "embed.weight":
         return -1
     return cfg.num_layers
 
@@ -113,30 +112,27 @@ def baked_tensors(ck: Checkpoint, cfg: ModelConfig) -> Iterator[tuple[str, torch
         w = get(name)
         return w + 1.0 if cfg.is_gemma else w
 
-    if cfg.tie_word_embeddings:
-        yield "lm_head.weight", get("model.embed_tokens.weight").t()
-    else:
-        yield "embed.weight", get("model.embed_tokens.weight")
+    yield "embed.weight", get("model.embed_tokens.weight")
     for i in range(cfg.num_layers):
         p, q = f"model.layers.{i}.", f"layers.{i}."
         yield q + "attn_norm.weight", norm(p + "input_layernorm.weight")
         proj = [p + f"self_attn.{x}_proj" for x in "qkv"]
-        yield q + "qkv.weight", torch.cat([get(x + ".weight") for x in proj]).t()
+        yield q + "qkv.weight", torch.cat([get(x + ".weight") for x in proj])
         if cfg.attention_bias:
             yield q + "qkv.bias", torch.cat([get(x + ".bias") for x in proj])
         if cfg.arch == "gemma3":
             yield q + "q_norm.weight", norm(p + "self_attn.q_norm.weight")
             yield q + "k_norm.weight", norm(p + "self_attn.k_norm.weight")
-        yield q + "o.weight", get(p + "self_attn.o_proj.weight").t()
+        yield q + "o.weight", get(p + "self_attn.o_proj.weight")
         if cfg.is_gemma:
             yield q + "post_attn_norm.weight", norm(p + "post_attention_layernorm.weight")
             yield q + "mlp_norm.weight", norm(p + "pre_feedforward_layernorm.weight")
         else:
             yield q + "mlp_norm.weight", get(p + "post_attention_layernorm.weight")
-        yield q + "gate_up.weight", torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).t()
-        yield q + "down.weight", get(p + "mlp.down_proj.weight").t()
+        yield q + "gate_up.weight", torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        yield q + "down.weight", get(p + "mlp.down_proj.weight")
         if cfg.is_gemma:
             yield q + "post_mlp_norm.weight", norm(p + "post_feedforward_layernorm.weight")
     yield "norm.weight", norm("model.norm.weight")
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", get("lm_head.weight").t()
+        yield "lm_head.weight", get("lm_head.weight")

@@ -30,19 +30,18 @@ def synthetic_config(shape: str, **over) -> ModelConfig:
 def param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) in image order, matching formats.convert.baked_tensors for the Llama family."""
     h, qkv = cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    out = [("lm_head.weight", (h, cfg.vocab_size))] if cfg.tie_word_embeddings else \
-          [("embed.weight", (cfg.vocab_size, h))]
+    out = [("embed.weight", (cfg.vocab_size, h))]
     for i in range(cfg.num_layers):
         q = f"layers.{i}."
-        out += [(q + "attn_norm.weight", (h,)), (q + "qkv.weight", (h, qkv))]
+        out += [(q + "attn_norm.weight", (h,)), (q + "qkv.weight", (qkv, h))]
         if cfg.attention_bias:
             out.append((q + "qkv.bias", (qkv,)))
-        out += [(q + "o.weight", (cfg.num_heads * cfg.head_dim, h)), (q + "mlp_norm.weight", (h,)),
-                (q + "gate_up.weight", (h, 2 * cfg.intermediate_size)),
-                (q + "down.weight", (cfg.intermediate_size, h))]
+        out += [(q + "o.weight", (h, cfg.num_heads * cfg.head_dim)), (q + "mlp_norm.weight", (h,)),
+                (q + "gate_up.weight", (2 * cfg.intermediate_size, h)),
+                (q + "down.weight", (h, cfg.intermediate_size))]
     out.append(("norm.weight", (h,)))
     if not cfg.tie_word_embeddings:
-        out.append(("lm_head.weight", (h, cfg.vocab_size)))
+        out.append(("lm_head.weight", (cfg.vocab_size, h)))
     return out
 
 
@@ -71,5 +70,5 @@ def random_image(cfg: ModelConfig, dtype: str = "fp32", seed: int = 0,
         if len(e.shape) == 1:
             view.copy_(1.0 + 0.1 * torch.randn(e.shape, generator=gen, device=device))
         else:
-            view.copy_(torch.randn(e.shape, generator=gen, device=device) * e.shape[0] ** -0.5)
+            view.copy_(torch.randn(e.shape, generator=gen, device=device) * e.shape[-1] ** -0.5)
     return ImageIndex(tuple(entries), total, tuple(ends), 64 << 20, ()), buf

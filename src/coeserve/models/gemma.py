@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from coeserve.config import ModelConfig
-from coeserve.models.common import Decoder, rms_norm, rope_table
+from coeserve.models.common import Decoder, linear, rms_norm, rope_table
 
 
 class Gemma(Decoder):
@@ -42,9 +42,9 @@ class Gemma(Decoder):
         rope = self.rope_local if sliding else self.rope_global
         a = self.attend(i, q, k, v, positions, slots, kv, rope, c.sliding_window if sliding else None,
                         self.scale, c.attn_logit_softcapping)
-        a = a @ w[f"layers.{i}.o.weight"]
+        a = linear(a, w[f"layers.{i}.o.weight"])
         x = x + rms_norm(a, w[f"layers.{i}.post_attn_norm.weight"], eps)
         h = rms_norm(x, w[f"layers.{i}.mlp_norm.weight"], eps)
-        gate, up = (h @ w[f"layers.{i}.gate_up.weight"]).chunk(2, dim=-1)
-        m = (F.gelu(gate, approximate="tanh") * up) @ w[f"layers.{i}.down.weight"]
+        gate, up = linear(h, w[f"layers.{i}.gate_up.weight"]).chunk(2, dim=-1)
+        m = linear(F.gelu(gate, approximate="tanh") * up, w[f"layers.{i}.down.weight"])
         return x + rms_norm(m, w[f"layers.{i}.post_mlp_norm.weight"], eps)

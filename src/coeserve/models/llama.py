@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from coeserve.config import ModelConfig
-from coeserve.models.common import Decoder, rms_norm, rope_table
+from coeserve.models.common import Decoder, linear, rms_norm, rope_table
 
 
 class Llama(Decoder):
@@ -24,7 +24,7 @@ class Llama(Decoder):
         q, k, v = self.qkv(i, h)
         window = c.sliding_window if c.is_sliding(i) else None
         a = self.attend(i, q, k, v, positions, slots, kv, self.rope, window, self.scale, None)
-        x = x + a @ w[f"layers.{i}.o.weight"]
+        x = x + linear(a, w[f"layers.{i}.o.weight"])
         h = rms_norm(x, w[f"layers.{i}.mlp_norm.weight"], c.rms_norm_eps)
-        gate, up = (h @ w[f"layers.{i}.gate_up.weight"]).chunk(2, dim=-1)
-        return x + (F.silu(gate) * up) @ w[f"layers.{i}.down.weight"]
+        gate, up = linear(h, w[f"layers.{i}.gate_up.weight"]).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, w[f"layers.{i}.down.weight"])

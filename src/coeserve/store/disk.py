@@ -125,7 +125,8 @@ class DiskStore:
             shutil.rmtree(old, ignore_errors=True)
 
     def _write(self, d: Path, ck: Checkpoint, cfg: ModelConfig, name: str, dtype: str, progress, label: str) -> None:
-        total = 3 + 7 * cfg.num_layers  # tensor count of the image, near enough for a progress bar
+        from coeserve.models import build_model
+        total = len(build_model(cfg, max_len=1).param_names())
         count, params = 0, 0
 
         def counted():
