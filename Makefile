@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/engine.py
+	$(PY) bench/engine.py --fused --out bench/results/engine-cpu.json
 
 clean:
 	rm -rf $(VENV)

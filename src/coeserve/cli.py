@@ -56,7 +56,10 @@ def cmd_experts(args) -> None:
     for n in store.names():
         i = store.info(n)
         table.add_row(i.name, i.arch, f"{i.params / 1e6:.1f}M", f"{i.bytes / 2**20:.0f} MiB", i.dtype, i.source)
-    Console().print(table if store.names() else f"no experts installed in {store.root} (try `coe pull`)")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped: don't cut names to a guessed 80 columns
+    console.print(table if store.names() else f"no experts installed in {store.root} (try `coe pull`)")
 
 
 def _engine(args, name: str):

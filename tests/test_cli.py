@@ -1,0 +1,59 @@
+"""The `coe` command line on the real built-in experts, as a user runs it (a subprocess per command)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import GEMMA, SMOL
+
+
+def coe(home, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "coeserve.cli", "--home", str(home), *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_experts_lists_the_builtins(store):
+    r = coe(store.home, "experts")
+    assert r.returncode == 0
+    for name, arch in ((SMOL, "llama"), (GEMMA, "gemma3")):
+        line = next(x for x in r.stdout.splitlines() if name in x)
+        assert arch in line and "fp32" in line and "MiB" in line
+    assert "134.5M" in r.stdout and "268.1M" in r.stdout
+
+
+def test_generate_streams_an_answer(store):
+    r = coe(store.home, "generate", "--expert", SMOL, "--temperature", "0", "--max-tokens", "20",
+            "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "tok/s" in r.stderr and "finish: stop" in r.stderr
+
+
+def test_generate_raw_on_a_base_model(store):
+    r = coe(store.home, "generate", "--expert", GEMMA, "--temperature", "0", "--max-tokens", "8", "--raw",
+            "1, 2, 3, 4, 5,")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(" 6, 7") and "finish: length" in r.stderr
+
+
+def test_chat_keeps_the_conversation(store):
+    args = ("chat", "--expert", SMOL, "--temperature", "0", "--max-tokens", "24")
+    both = coe(store.home, *args, stdin="My name is Alice.\nWhat is my name?\n\n")
+    alone = coe(store.home, *args, stdin="What is my name?\n\n")
+    assert both.returncode == 0 and alone.returncode == 0, both.stderr
+    answers = [a.strip() for a in both.stdout.split("> ")[1:3]]
+    assert all(answers)
+    # Greedy decoding: the same question answers differently only because the first turn is in context.
+    assert answers[1] != alone.stdout.split("> ")[1].strip()
+
+
+def test_unknown_expert_is_one_line(store):
+    r = coe(store.home, "generate", "--expert", "no-such-expert", "hi")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("coe: error:")
+    assert "no-such-expert" in r.stderr and "not installed" in r.stderr
+
+
+def test_bad_sampling_value_is_one_line(store):
+    r = coe(store.home, "generate", "--expert", SMOL, "--temperature", "-1", "hi")
+    assert r.returncode == 2 and r.stderr.startswith("coe: error:") and "temperature" in r.stderr
