@@ -153,6 +153,8 @@ def main(argv=None) -> int:
         rows.append(("transformers generate", 1, hf, result["ceiling_b1_tok_s"]))
         result["transformers_b1_tok_s"] = hf
         result["ratio_b1_vs_transformers"] = result["decode_unfused_b1_tok_s"] / hf
+        if "decode_fused_b1_tok_s" in result:
+            result["ratio_b1_fused_vs_transformers"] = result["decode_fused_b1_tok_s"] / hf
     for mode in ("unfused", "fused"):
         if f"decode_{mode}_b1_tok_s" in result:
             result[f"ratio_b8_vs_b1_{mode}"] = result.get(f"decode_{mode}_b8_tok_s", 0) / result[f"decode_{mode}_b1_tok_s"]
@@ -171,7 +173,11 @@ def main(argv=None) -> int:
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"{platform.processor() or platform.machine()} cpu x{os.cpu_count()}"
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cpus)"
 
 
 def print_table(rows, result) -> None:

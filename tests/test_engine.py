@@ -159,10 +159,12 @@ def test_fused_mode_matches_unfused():
 
     cfg = synthetic_config("tiny")
     index, buf = random_image(cfg, seed=1)
-    model = build_model(cfg, max_len=128)
+    model = build_model(cfg, max_len=512)
     bind_image(model, buf, index, torch.float32)
     expert = Expert("tiny", cfg, model, None, torch.device("cpu"), torch.float32)
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [20, 21]]
-    runs = [[s.output_ids for s in Engine(expert, EngineConfig(max_batch=4, max_seq_len=128, fused=f))
-             .generate(prompts, GREEDY)] for f in (False, True)]
-    assert runs[0] == runs[1] and all(len(r) == GREEDY.max_tokens for r in runs[0])
+    # Unfused; fused with dynamic shapes (CPU default); fused with padded static shapes (CUDA default).
+    configs = [dict(fused=False), dict(fused=True), dict(fused=True, static_shapes=True)]
+    runs = [[s.output_ids for s in Engine(expert, EngineConfig(max_batch=4, max_seq_len=512, **c))
+             .generate(prompts, GREEDY)] for c in configs]
+    assert runs[0] == runs[1] == runs[2] and all(len(r) == GREEDY.max_tokens for r in runs[0])

@@ -38,7 +38,8 @@ class Engine:
         self.expert, self.config = expert, config
         self.max_len = min(config.max_seq_len, expert.cfg.max_position, expert.model.max_len)
         self.kv = KVCache(expert.cfg, config.max_batch, self.max_len, expert.dtype, expert.device)
-        self.runner = Runner(expert.model, self.kv, expert.device, fused=config.fused)
+        self.runner = Runner(expert.model, self.kv, expert.device, fused=config.fused,
+                             buckets=config.batch_buckets, static=config.static_shapes)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.running: list[Sequence] = []

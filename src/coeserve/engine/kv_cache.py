@@ -1,5 +1,6 @@
 """The KV cache: per layer, one [slots, kv_heads, max_len, head_dim] tensor for keys and one for values,
-allocated once. A sequence owns a slot for its life; its token at position p lives at index p."""
+allocated once. A sequence owns a slot for its life; its token at position p lives at index p. One extra slot
+(`scratch`) takes the writes of padding rows when a fused decode runs a batch padded to a fixed size."""
 from __future__ import annotations
 
 import torch
@@ -13,10 +14,10 @@ class CacheFull(RuntimeError):
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype, device):
-        shape = (num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        shape = (num_slots + 1, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.num_slots, self.max_len = num_slots, max_len
+        self.num_slots, self.max_len, self.scratch = num_slots, max_len, num_slots
         self.free = list(range(num_slots))
         self.read_len = max_len
         self.span: tuple[int, int] | None = None  # slots lo..hi when the step's slots are contiguous
@@ -35,12 +36,13 @@ class KVCache:
         if slot not in self.free:
             self.free.append(slot)
 
-    def set_step(self, slots: list[int], read_len: int) -> None:
+    def set_step(self, slots: list[int], read_len: int, views: bool = True) -> None:
         """Before a forward: how many positions attention reads, and whether slots form a range
-        (then keys are a view, not a gather)."""
+        (then keys are a view, not a gather). Compiled steps pass views=False: one graph for all."""
         self.read_len = read_len
         lo = slots[0]
-        self.span = (lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
+        contiguous = views and slots == list(range(lo, lo + len(slots)))
+        self.span = (lo, lo + len(slots)) if contiguous else None
 
     def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, T, H, D] at their positions; return keys, values [B, H, L, D] and L."""

@@ -1,5 +1,10 @@
 """One forward step of a model over the KV cache: prefill a chunk of one sequence, or decode one token
-for a batch. `fused=True` compiles the decode step with torch.compile (and CUDA graphs on CUDA)."""
+for a batch. `fused=True` compiles the decode step with torch.compile (and CUDA graphs on CUDA).
+
+With `static=True` (the default for fused mode on CUDA, where CUDA graphs need it) a step has static
+shapes: the batch is padded up to a bucket size (padding rows write to the cache's scratch slot) and the
+attended length is rounded up to a multiple of LEN_BUCKET, so a few graphs, captured once each, serve
+every step. On CPU the compiled step keeps dynamic shapes, which measured faster (docs/engine.md)."""
 from __future__ import annotations
 
 import torch
@@ -8,15 +13,31 @@ from coeserve.engine.kv_cache import KVCache
 from coeserve.engine.sequence import Sequence
 
 
+LEN_BUCKET = 256
+
+
 class Runner:
-    def __init__(self, model, kv: KVCache, device: torch.device, fused: bool = False):
+    def __init__(self, model, kv: KVCache, device: torch.device, fused: bool = False,
+                 buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), static: bool | None = None):
         self.model, self.kv, self.device = model, kv, device
         self.fused = fused
+        self.static = fused and (device.type == "cuda" if static is None else static)
+        self.buckets = tuple(b for b in buckets if b < kv.num_slots) + (kv.num_slots,)
         self._decode = self._compile() if fused else model
 
     def _compile(self):
-        mode = "max-autotune-no-cudagraphs" if self.device.type != "cuda" else "reduce-overhead"
-        return torch.compile(self.model, mode=mode, dynamic=True, fullgraph=False)
+        import torch._dynamo
+
+        # One graph per (batch bucket, length bucket): allow that many before dynamo gives up.
+        limit = len(self.buckets) * (self.kv.max_len // LEN_BUCKET + 1)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+        if self.device.type == "cuda":
+            # Weights (views into a slot) and the KV cache never move: CUDA graphs may read them in
+            # place instead of copying them into graph-owned buffers each replay.
+            for t in list(self.model.w.values()) + self.kv.k + self.kv.v:
+                torch._dynamo.mark_static_address(t)
+        mode = "reduce-overhead" if self.device.type == "cuda" else "max-autotune-no-cudagraphs"
+        return torch.compile(self.model, mode=mode, dynamic=not self.static)
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, chunk: int) -> torch.Tensor | None:
@@ -33,8 +54,16 @@ class Runner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for every sequence in one forward pass; logits [B, V]."""
-        tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
-        positions = torch.tensor([[s.length - 1] for s in seqs], device=self.device)
+        tokens = [s.last_token for s in seqs]
+        positions = [s.length - 1 for s in seqs]
         slots = [s.slot for s in seqs]
-        self.kv.set_step(slots, max(s.length for s in seqs))
-        return self._decode(tokens, positions, torch.tensor(slots, device=self.device), self.kv)
+        read_len = max(s.length for s in seqs)
+        if self.static:
+            pad = next(b for b in self.buckets if b >= len(seqs)) - len(seqs)
+            tokens, positions, slots = tokens + [0] * pad, positions + [0] * pad, slots + [self.kv.scratch] * pad
+            read_len = min(-(-read_len // LEN_BUCKET) * LEN_BUCKET, self.kv.max_len)
+        self.kv.set_step(slots, read_len, views=not self.static)
+        logits = self._decode(torch.tensor(tokens, device=self.device)[:, None],
+                              torch.tensor(positions, device=self.device)[:, None],
+                              torch.tensor(slots, device=self.device), self.kv)
+        return logits[: len(seqs)]
