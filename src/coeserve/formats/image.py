@@ -12,7 +12,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -69,7 +69,7 @@ def _align(n: int, a: int = ALIGN) -> int:
 
 
 def write_image(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], dtype: str,
-                layer_of: dict[str, int]) -> ImageIndex:
+                layer_of: Callable[[str], int]) -> ImageIndex:
     """Write tensors (in order) to directory/image.bin; float tensors are cast to `dtype`.
 
     `layer_of` maps a tensor name to its layer (-1 = before the first layer, num_layers = after the
@@ -79,7 +79,7 @@ def write_image(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], dt
     path = directory / IMAGE_FILE
     with open(path, "wb") as f:
         for name, t in tensors:
-            layer = layer_of[name]
+            layer = layer_of(name)
             if layer < last_layer:
                 raise ValueError(f"tensor {name} arrives after a later layer")
             while last_layer < layer:

@@ -138,8 +138,7 @@ class DiskStore:
                     progress(min(count, total), total)
                 yield n, t
 
-        layer_of = _LayerOf(cfg)
-        index = image.write_image(d, counted(), dtype, layer_of)
+        index = image.write_image(d, counted(), dtype, lambda n: convert.layer_of(n, cfg))
         (d / image.INDEX_FILE).write_text(index.to_json())
         (d / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
         if ck.tokenizer_dir:
@@ -152,13 +151,3 @@ class DiskStore:
                 "source": label, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (d / META_FILE).write_text(json.dumps(meta, indent=1))
 
-
-class _LayerOf(dict):
-    """name -> layer, computed on demand (the image writer asks once per tensor)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-
-    def __missing__(self, name: str) -> int:
-        return convert.layer_of(name, self.cfg)
