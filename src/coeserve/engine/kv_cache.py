@@ -22,10 +22,6 @@ class KVCache:
         self.read_len = max_len
         self.span: tuple[int, int] | None = None  # slots lo..hi when the step's slots are contiguous
 
-    @property
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
     def allocate(self) -> int:
         if not self.free:
             raise CacheFull("no free KV cache slot")

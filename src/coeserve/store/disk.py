@@ -89,9 +89,6 @@ class DiskStore:
         except FileNotFoundError:
             raise ExpertNotFound(name) from None
 
-    def remove(self, name: str) -> None:
-        shutil.rmtree(self.path(name))
-
     def import_source(self, source: Path, name: str, dtype: str = "fp32",
                       progress: Callable[[int, int], None] | None = None, label: str | None = None) -> ExpertInfo:
         """Import an HF directory or a GGUF file as expert `name` (replacing an existing one)."""
