@@ -95,3 +95,43 @@ class EngineConfig:
             raise ValueError("engine config: max_batch, max_seq_len and prefill_chunk must be positive")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"engine config: unknown dtype {self.dtype!r}")
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'12GiB', '512MiB', '2G', '1e9' or an int → bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        if unit not in _UNITS:
+            raise ValueError
+        return int(float(num) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"invalid size {text!r}: use a number with an optional unit such as 512MiB or 12GiB") from None
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Budgets of the host and device tiers. None = sized from the machine at start (store/budget.py)."""
+    host_bytes: int | None = None
+    device_slots: int | None = None
+    slot_bytes: int | None = None  # default: the largest installed expert
+    policy: str = "lru"
+    loaders: int = 4  # threads reading images from disk
+    chunk_bytes: int = 64 << 20  # host → device copy chunk
+    read_block: int = 8 << 20  # disk read size
+    direct_io: bool = True  # O_DIRECT reads where the filesystem allows them
+
+    def __post_init__(self):
+        for name in ("host_bytes", "device_slots", "slot_bytes"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"store config: {name} must be positive")
+        if self.loaders < 1 or self.chunk_bytes < 4096 or self.read_block < 4096 or self.read_block % 4096:
+            raise ValueError("store config: loaders ≥ 1, chunk_bytes ≥ 4 KiB, read_block a multiple of 4 KiB")

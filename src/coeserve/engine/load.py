@@ -39,6 +39,10 @@ def load_expert(store: DiskStore, name: str, device: str = "auto", dtype: str = 
     model = build_model(cfg, max_len=max_len)
     model.to_device(dev)
     bind_image(model, buf, index, dt)
+    return Expert(name, cfg, model, load_codec(store, name, cfg), dev, dt)
+
+
+def load_codec(store: DiskStore, name: str, cfg) -> Codec | None:
+    """The expert's tokenizer, or None for an expert without one (token ids in and out)."""
     tok_dir = store.path(name) / TOKENIZER_DIR
-    codec = Codec(tok_dir, cfg.eos_token_ids) if tok_dir.is_dir() else None  # token ids only
-    return Expert(name, cfg, model, codec, dev, dt)
+    return Codec(tok_dir, cfg.eos_token_ids) if tok_dir.is_dir() else None

@@ -63,7 +63,10 @@ class Runner:
             tokens, positions, slots = tokens + [0] * pad, positions + [0] * pad, slots + [self.kv.scratch] * pad
             read_len = min(-(-read_len // LEN_BUCKET) * LEN_BUCKET, self.kv.max_len)
         self.kv.set_step(slots, read_len, views=not self.static)
-        logits = self._decode(torch.tensor(tokens, device=self.device)[:, None],
+        # While a switch is still streaming layers in, the eager model waits on each one; the compiled
+        # step (and its CUDA graphs) runs once the whole expert is in its slot.
+        step = self.model if self.model.layer_ready is not None else self._decode
+        logits = step(torch.tensor(tokens, device=self.device)[:, None],
                               torch.tensor(positions, device=self.device)[:, None],
                               torch.tensor(slots, device=self.device), self.kv)
         return logits[: len(seqs)]

@@ -72,3 +72,18 @@ def random_image(cfg: ModelConfig, dtype: str = "fp32", seed: int = 0,
         else:
             view.copy_(torch.randn(e.shape, generator=gen, device=device) * e.shape[-1] ** -0.5)
     return ImageIndex(tuple(entries), total, tuple(ends), 64 << 20, ()), buf
+
+
+def random_tensors(cfg: ModelConfig, seed: int = 0):
+    """(name, tensor) in image order, the same distribution as random_image, for writing to disk."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, shape in param_shapes(cfg):
+        if len(shape) == 1:
+            yield name, 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            yield name, torch.randn(shape, generator=gen) * shape[-1] ** -0.5
+
+
+def install(store, name: str, cfg: ModelConfig, seed: int = 0, dtype: str = "fp32"):
+    """Write a random-weight expert into a DiskStore (no tokenizer: token ids in and out)."""
+    return store.add(name, cfg, random_tensors(cfg, seed), dtype, f"synthetic (seed {seed})")

@@ -100,7 +100,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.layer_ready: Callable[[int], None] | None = None  # layer streaming hook (store sets it)
+        self.layer_ready: Callable[[int], None] | None = None  # layer streaming (store/store.py sets it)
 
     # -- weights --------------------------------------------------------------------------------
     def bind(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -127,12 +127,20 @@ class Decoder(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv,
                 last: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, V] at index `last[b]` of each row (default: the final token)."""
+        """Logits [B, V] at index `last[b]` of each row (default: the final token).
+
+        While the weights are still arriving in a slot, `layer_ready(i)` blocks until part i is there:
+        i = -1 the embedding, 0 … num_layers-1 the layers, num_layers the final norm and head."""
+        ready = self.layer_ready
+        if ready is not None:
+            ready(-1)
         x = self.embed_tokens(tokens)
         for i in range(self.cfg.num_layers):
-            if self.layer_ready is not None:
-                self.layer_ready(i)
+            if ready is not None:
+                ready(i)
             x = self.block(i, x, positions, slots, kv)
+        if ready is not None:
+            ready(self.cfg.num_layers)
         if last is None:
             x = x[:, -1]
         else:

@@ -96,18 +96,27 @@ class DiskStore:
         if dtype not in image.DTYPES:
             raise ImportError_(f"unknown dtype {dtype!r} (choose from {', '.join(image.DTYPES)})")
         ck = open_source(Path(source))
-        tmp: Path | None = None
         try:
             cfg = convert.model_config(ck.hf_config, str(source))
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
-            self._write(tmp, ck, cfg, name, dtype, progress, label or str(source))
+            tensors = _counted(convert.baked_tensors(ck, cfg), cfg, progress)
+            return self.add(name, cfg, tensors, dtype, label or str(source), ck.tokenizer_dir)
+        finally:
+            ck.close()
+
+    def add(self, name: str, cfg: ModelConfig, tensors, dtype: str, source: str,
+            tokenizer_dir: Path | None = None) -> ExpertInfo:
+        """Write an expert from (name, tensor) pairs in image order, atomically (temp dir, then rename)."""
+        check_name(name)
+        if dtype not in image.DTYPES:
+            raise ImportError_(f"unknown dtype {dtype!r} (choose from {', '.join(image.DTYPES)})")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
+        try:
+            self._write(tmp, tensors, cfg, name, dtype, source, tokenizer_dir)
             tmp.chmod(0o755)
             self._swap_in(tmp, self.path(name))
         finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            ck.close()
+            shutil.rmtree(tmp, ignore_errors=True)
         return self.info(name)
 
     def _swap_in(self, new: Path, final: Path) -> None:
@@ -121,30 +130,37 @@ class DiskStore:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _write(self, d: Path, ck: Checkpoint, cfg: ModelConfig, name: str, dtype: str, progress, label: str) -> None:
-        from coeserve.models import build_model
-        total = len(build_model(cfg, max_len=1).param_names())
-        count, params = 0, 0
+    def _write(self, d: Path, tensors, cfg: ModelConfig, name: str, dtype: str, label: str,
+               tokenizer_dir: Path | None) -> None:
+        params = 0
 
         def counted():
-            nonlocal count, params
-            for n, t in convert.baked_tensors(ck, cfg):
-                count += 1
+            nonlocal params
+            for n, t in tensors:
                 params += t.numel()
-                if progress:
-                    progress(min(count, total), total)
                 yield n, t
 
         index = image.write_image(d, counted(), dtype, lambda n: convert.layer_of(n, cfg))
         (d / image.INDEX_FILE).write_text(index.to_json())
         (d / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
-        if ck.tokenizer_dir:
+        if tokenizer_dir:
             from coeserve.formats.hf import TOKENIZER_FILES
             (d / TOKENIZER_DIR).mkdir()
             for f in TOKENIZER_FILES:
-                if (ck.tokenizer_dir / f).is_file():
-                    shutil.copy2(ck.tokenizer_dir / f, d / TOKENIZER_DIR / f)
+                if (tokenizer_dir / f).is_file():
+                    shutil.copy2(tokenizer_dir / f, d / TOKENIZER_DIR / f)
         meta = {"name": name, "arch": cfg.arch, "params": params, "dtype": dtype, "bytes": index.total_bytes,
                 "source": label, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (d / META_FILE).write_text(json.dumps(meta, indent=1))
 
+
+def _counted(tensors, cfg: ModelConfig, progress):
+    """Report (tensors done, tensors in all) as they stream past."""
+    if progress is None:
+        yield from tensors
+        return
+    from coeserve.models import build_model
+    total = len(build_model(cfg, max_len=1).param_names())
+    for count, item in enumerate(tensors, 1):
+        progress(min(count, total), total)
+        yield item
