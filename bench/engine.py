@@ -20,17 +20,13 @@ from pathlib import Path
 
 import torch
 
+from coeserve.benchmarks.common import device_name, sync
 from coeserve.config import EngineConfig, default_home
 from coeserve.engine.engine import Engine, Expert
 from coeserve.engine.load import bind_image, load_expert, pick_device, pick_dtype
 from coeserve.engine.sequence import SamplingParams
 from coeserve.formats.synthetic import random_image, synthetic_config
 from coeserve.models import build_model
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30) -> float:
@@ -170,16 +166,6 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({os.cpu_count()} cpus)"
 
 
 def print_table(rows, result) -> None:

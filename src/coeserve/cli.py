@@ -62,12 +62,30 @@ def cmd_experts(args) -> None:
     console.print(table if store.names() else f"no experts installed in {store.root} (try `coe pull`)")
 
 
+def _tiers(args):
+    """The three-tier store, once per command, budgeted by --host-memory / --device-slots."""
+    from coeserve.config import StoreConfig, parse_bytes
+    from coeserve.store.store import ExpertStore
+
+    if getattr(args, "tiers", None) is None:
+        cfg = StoreConfig(host_bytes=parse_bytes(args.host_memory) if args.host_memory else None,
+                          device_slots=args.device_slots, policy=args.policy)
+        args.tiers = ExpertStore(_store(args), cfg, device=args.device, max_len=args.max_seq_len)
+    return args.tiers
+
+
 def _engine(args, name: str):
     from coeserve.engine.engine import Engine
-    from coeserve.engine.load import load_expert
 
     cfg = EngineConfig(max_batch=4, max_seq_len=args.max_seq_len, fused=args.fused, device=args.device)
-    expert = load_expert(_store(args), name, device=cfg.device, max_len=cfg.max_seq_len)
+    tiers = _tiers(args)
+    t = time.perf_counter()
+    expert = tiers.acquire(name)  # held until the command ends
+    if args.verbose:
+        tr = tiers.load(name)
+        tr.wait()
+        print(f"[{name}: weights in a device slot {(tr.finished - t) * 1e3:.0f} ms after the request; "
+              f"host → device copy {(tr.finished - tr.started) * 1e3:.0f} ms]", file=sys.stderr)
     if expert.codec is None:
         raise ValueError(f"expert {name!r} has no tokenizer files, so it cannot take text (re-import it "
                          "from a directory that has them)")
@@ -134,6 +152,7 @@ def cmd_demo(args) -> None:
                 catalog.pull(store, name, progress=cb)
     for name in catalog.BUILTINS:
         engine = _engine(args, name)
+        args.tiers.release(name)  # the next expert may take its slot (--device-slots 1 shows a switch)
         question = "What is the capital of France? Answer in one sentence."
         print(f"\n[{name}] user: {question}\n[{name}] assistant: ", end="")
         ids, stop = engine.expert.codec.chat_prompt([{"role": "user", "content": question}])
@@ -177,8 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-seq-len", type=int, default=2048)
         s.add_argument("--fused", action="store_true", help="torch.compile the decode step")
         s.add_argument("--device", default="auto")
+        _tier_options(s)
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("bench", help="benchmarks: `coe bench switch --help`")
+    s.add_argument("which", choices=["switch"])
+    s.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    s.set_defaults(fn=cmd_bench)
     return p
+
+
+def _tier_options(s) -> None:
+    from coeserve.store.policy import POLICIES
+    s.add_argument("--host-memory", help="host tier budget, e.g. 12GiB (default: from free RAM)")
+    s.add_argument("--device-slots", type=int, help="device slots (default: from free device memory)")
+    s.add_argument("--policy", default="lru", choices=sorted(POLICIES), help="eviction policy")
+    s.add_argument("-v", "--verbose", action="store_true", help="report switch times")
+
+
+def cmd_bench(args) -> None:
+    from coeserve.benchmarks import switch
+    switch.main(list(args.args) + (["--home", args.home] if args.home and "--home" not in args.args else []))
 
 
 def main(argv: list[str] | None = None) -> int:

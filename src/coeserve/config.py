@@ -124,7 +124,7 @@ class StoreConfig:
     slot_bytes: int | None = None  # default: the largest installed expert
     policy: str = "lru"
     loaders: int = 4  # threads reading images from disk
-    chunk_bytes: int = 64 << 20  # host → device copy chunk
+    chunk_bytes: int = 256 << 20  # host → device copy chunk (split at layer ends while a request streams)
     read_block: int = 8 << 20  # disk read size
     direct_io: bool = True  # O_DIRECT reads where the filesystem allows them
 

@@ -7,6 +7,7 @@ Slots are equal and sized for the largest expert: an address never changes, so v
 made for a slot stay valid, and there is no fragmentation to manage (docs/tiers.md)."""
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 import time
@@ -38,6 +39,7 @@ class Transfer:
         self.bounds = list(index.layer_ends) + [index.total_bytes]
         self.passed = 0  # bounds whose bytes are copied (CPU) or whose event is recorded (CUDA)
         self.error: Exception | None = None
+        self.streaming = False  # a forward pass is waiting on this copy, layer by layer
         self.complete = False  # every byte is in the slot (on CUDA: the copy has finished on the GPU)
         self.started = self.finished = None
 
@@ -46,7 +48,14 @@ class Transfer:
         return self.error is not None or self.passed == len(self.bounds)
 
     def wait_layer(self, i: int) -> None:
-        k = min(max(i + 1, 0), len(self.bounds) - 1)
+        self.streaming = True
+        self._wait(min(max(i + 1, 0), len(self.bounds) - 1))
+
+    def wait(self) -> None:
+        """Until the whole image is in the slot."""
+        self._wait(len(self.bounds) - 1)
+
+    def _wait(self, k: int) -> None:
         with self.cond:
             self.cond.wait_for(lambda: self.passed > k or self.error is not None)
         if self.error is not None:
@@ -54,15 +63,14 @@ class Transfer:
         if self.slot.events:
             torch.cuda.current_stream(self.slot.buf.device).wait_event(self.slot.events[k])
 
-    def wait(self) -> None:
-        self.wait_layer(len(self.bounds))
-
 
 class DeviceTier:
     def __init__(self, device: torch.device, num_slots: int, slot_bytes: int, chunk: int = 64 << 20):
         self.device, self.chunk = device, chunk
         self.slot_bytes = -(-slot_bytes // PAGE) * PAGE
         self.buf = torch.empty(num_slots * self.slot_bytes, dtype=torch.uint8, device=device)
+        if device.type == "cpu":
+            self.buf.zero_()  # fault the pages in now: first touch costs more than the copy itself
         sb = self.slot_bytes
         self.slots = [Slot(i, self.buf[i * sb:(i + 1) * sb]) for i in range(num_slots)]
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -110,12 +118,17 @@ class DeviceTier:
         total, pos, k = t.index.total_bytes, 0, 0
         dst, src, cuda = t.slot.buf, t.src, self.stream is not None
         while pos < total:
-            hi = min(pos + self.chunk, total, t.bounds[k])  # split at layer ends: a layer is ready sooner
+            hi = min(pos + self.chunk, total)
+            if t.streaming:  # split at layer ends: the waiting forward pass gets each layer sooner
+                hi = min(hi, t.bounds[k])
             with t.cond:
                 t.cond.wait_for(lambda: t.source.prefix >= hi or t.source.error is not None)
             if t.source.error is not None:
                 raise t.source.error
-            dst[pos:hi].copy_(src[pos:hi], non_blocking=cuda)
+            if cuda or not t.streaming:
+                dst[pos:hi].copy_(src[pos:hi], non_blocking=cuda)
+            else:  # compute runs right behind this copy: take one core (memmove), leave it the rest
+                ctypes.memmove(dst.data_ptr() + pos, src.data_ptr() + pos, hi - pos)
             pos = hi
             passed = k
             while passed < len(t.bounds) and t.bounds[passed] <= pos:

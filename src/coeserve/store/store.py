@@ -22,7 +22,7 @@ from coeserve.formats.image import ImageIndex, read_index
 from coeserve.models import build_model
 from coeserve.store.budget import resolve_budgets
 from coeserve.store.device import DeviceTier, Slot, Transfer
-from coeserve.store.disk import DiskStore
+from coeserve.store.disk import DiskStore, ExpertNotFound
 from coeserve.store.host import DiskRead, HostArena
 from coeserve.store.policy import make_policy
 
@@ -126,9 +126,8 @@ class ExpertStore:
             e.pins = max(0, e.pins - 1)
             self._cond.notify_all()
 
-    @contextmanager
-    def use(self, name: str) -> Iterator[Expert]:
-        """The expert on the device, pinned while the block runs. Its weights may still be arriving:
+    def acquire(self, name: str) -> Expert:
+        """The expert on the device, pinned until `release(name)`. Its weights may still be arriving:
         the forward pass waits layer by layer (layer streaming)."""
         with self._cond:
             t = self.load(name, "device")
@@ -139,9 +138,22 @@ class ExpertStore:
             model.layer_ready = None if t.complete else t.wait_layer
             if e.codec is None:
                 e.codec = load_codec(self.disk, name, e.cfg) or False
-            yield Expert(name, e.cfg, model, e.codec or None, self.device, self.dtype)
-        finally:
+        except BaseException:
             self.unpin(name)
+            raise
+        return Expert(name, e.cfg, model, e.codec or None, self.device, self.dtype)
+
+    def release(self, name: str) -> None:
+        self.unpin(name)
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[Expert]:
+        """`acquire` for the length of a block."""
+        expert = self.acquire(name)
+        try:
+            yield expert
+        finally:
+            self.release(name)
 
     def resident(self, tier: str = "device") -> list[str]:
         with self._cond:
@@ -163,6 +175,8 @@ class ExpertStore:
             if e.read is not None and e.read.error is not None and e.read.settled and not e.busy:
                 self._drop_host(e)
         if e is None:
+            if not self.disk.exists(name):
+                raise ExpertNotFound(name)
             e = self._entries[name] = _Entry(name, read_index(self.disk.path(name)), self.disk.config(name))
         elif e.read is None and e.slot is None and not e.busy:  # not resident: the files may be new
             e.index, e.cfg = read_index(self.disk.path(name)), self.disk.config(name)
@@ -243,13 +257,13 @@ class ExpertStore:
             return False
         if slot.owner is not None:
             self._drop_device(self._entries[slot.owner])
-        self._bind(e, slot)
         e.busy += 1
         e.transfer = Transfer(slot, self.host.view(e.host_off, e.nbytes), e.index, e.read, self._cond,
                               self.dev.chunk, on_done=lambda t, e=e: self._copied(e))
         slot.owner, e.slot = e.name, slot
         self.stats["switches"] += 1
         self.dev.start(e.transfer)
+        self._bind(e, slot)  # while the first bytes move
         return True
 
     def _free_slot(self) -> Slot | None:

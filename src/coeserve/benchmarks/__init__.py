@@ -1,0 +1,1 @@
+"""Benchmarks that `coe bench …` and the thin scripts in bench/ run."""
