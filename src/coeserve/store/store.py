@@ -74,7 +74,9 @@ class ExpertStore:
             raise ValueError(f"unknown tier {tier!r} (host or device)")
         with self._cond:
             e = self._entry(name)
-            (self.dev_policy if tier == "device" else self.host_policy).touch(name)
+            self.host_policy.touch(name)
+            if tier == "device":
+                self.dev_policy.touch(name)
             while True:  # a wait releases the lock, so after one everything is looked at again
                 self._ensure_host(e, wait)
                 if tier == "host" or self._ensure_device(e, wait):
