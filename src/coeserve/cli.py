@@ -199,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
         _tier_options(s)
         s.set_defaults(fn=fn)
 
+    s = sub.add_parser("serve", help="the OpenAI-compatible CoE server")
+    s.add_argument("--config", help="a TOML file of settings (flags override it)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
+    s.add_argument("--experts", help="comma-separated experts to serve (default: all installed)")
+    s.add_argument("--router", help="router artifact directory (default: the built-in router)")
+    s.add_argument("--schedule", choices=["coe", "fcfs"], help="coe (expert-aware) or fcfs (baseline)")
+    s.add_argument("--max-batch", type=int)
+    s.add_argument("--max-seq-len", type=int)
+    s.add_argument("--device")
+    _tier_options(s, verbose=False)
+    s.set_defaults(fn=cmd_serve)
+
     s = sub.add_parser("bench", help="benchmarks: `coe bench switch --help`")
     s.add_argument("which", choices=["switch"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
@@ -206,12 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tier_options(s) -> None:
+def _tier_options(s, verbose: bool = True) -> None:
     from coeserve.store.policy import POLICIES
     s.add_argument("--host-memory", help="host tier budget, e.g. 12GiB (default: from free RAM)")
     s.add_argument("--device-slots", type=int, help="device slots (default: from free device memory)")
-    s.add_argument("--policy", default="lru", choices=sorted(POLICIES), help="eviction policy")
-    s.add_argument("-v", "--verbose", action="store_true", help="report switch times")
+    s.add_argument("--policy", default=None if not verbose else "lru", choices=sorted(POLICIES),
+                   help="eviction policy (lru)")
+    if verbose:
+        s.add_argument("-v", "--verbose", action="store_true", help="report switch times")
+
+
+def cmd_serve(args) -> None:
+    from coeserve.server.serve import load_config, run
+
+    names = ("host", "port", "api_key", "router", "schedule", "max_batch", "max_seq_len", "device",
+             "host_memory", "device_slots", "policy")
+    over = {n: getattr(args, n) for n in names}
+    over["home"] = args.home
+    over["experts"] = tuple(args.experts.split(",")) if args.experts else None
+    run(load_config(args.config, over))
 
 
 def cmd_bench(args) -> None:

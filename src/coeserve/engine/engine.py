@@ -45,6 +45,14 @@ class Engine:
         self.running: list[Sequence] = []
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
 
+    def bind(self, expert: Expert) -> None:
+        """Run on `expert` from now on: the same expert, re-acquired (its model object may be another
+        slot's). Sequences in flight keep their KV cache."""
+        if expert.cfg != self.expert.cfg:
+            raise ValueError(f"engine for {self.expert.name} cannot run {expert.name}: another model config")
+        self.expert = expert
+        self.runner.bind(expert.model)
+
     # -- requests -------------------------------------------------------------------------------
     def make_sequence(self, prompt_ids: list[int], params: SamplingParams, on_text=None) -> Sequence:
         if not prompt_ids:

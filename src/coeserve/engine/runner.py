@@ -24,6 +24,19 @@ class Runner:
         self.static = fused and (device.type == "cuda" if static is None else static)
         self.buckets = tuple(b for b in buckets if b < kv.num_slots) + (kv.num_slots,)
         self._decode = self._compile() if fused else model
+        self._compiled = {model: self._decode}
+
+    def bind(self, model) -> None:
+        """Step a model object bound to the same kind of weights elsewhere (another device slot); its
+        compiled step is made once per model object, which lives as long as its slot."""
+        if model is not self.model:
+            self.model = model
+            if not self.fused:
+                self._decode = model
+            else:
+                if model not in self._compiled:
+                    self._compiled[model] = self._compile()
+                self._decode = self._compiled[model]
 
     def _compile(self):
         import torch._dynamo

@@ -157,6 +157,12 @@ class ExpertStore:
         finally:
             self.release(name)
 
+    def switch_cost(self, name: str) -> float:
+        """Estimated seconds to bring `name` into a device slot from where it is now."""
+        with self._cond:
+            e = self._entry(name)
+            return 0.0 if e.slot is not None else self._cost_to_device(name)
+
     def resident(self, tier: str = "device") -> list[str]:
         with self._cond:
             if tier == "device":

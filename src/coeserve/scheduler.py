@@ -1,0 +1,205 @@
+"""Expert-aware continuous batching: one loop thread per device, a queue per expert, and a policy that
+picks which expert's batch runs next. Requests arrive already routed (the router decided before they
+were queued), and their expert is prefetched into a free slot while other work runs.
+
+Policies (names are the CLI's `--schedule` choices):
+- `coe`: stay on the expert in hand while it has work, for at least `quantum` seconds when others wait;
+  then pick the expert with the most queued work (plus its oldest request's age) per second of switch
+  cost, which is zero for one already in a slot; a request that waited past `max_wait` goes first,
+  whatever the cost, so nothing starves.
+- `fcfs`: first come, first served — the oldest request's expert runs; consecutive requests for it
+  join its batch (FCFS + LRU, how Samba-CoE's serving is described in later work; the baseline).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from coeserve.config import EngineConfig
+from coeserve.engine.engine import Engine
+from coeserve.engine.sequence import Sequence
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Request:
+    expert: str
+    seq: Sequence
+    on_event: Callable[[str, object], None]  # ("text", str) | ("done", Sequence) | ("error", Exception)
+    arrival: float = field(default_factory=time.monotonic)
+    started: float | None = None  # first token time
+
+
+class Scheduler:
+    def __init__(self, store, engine_config: EngineConfig, policy: str = "coe", max_queue: int = 256,
+                 max_wait: float = 5.0, quantum: float = 1.0, metrics=None):
+        if policy not in ("coe", "fcfs"):
+            raise ValueError(f"unknown schedule {policy!r} (coe or fcfs)")
+        self.store, self.config, self.policy = store, engine_config, policy
+        self.max_queue, self.max_wait, self.quantum, self.metrics = max_queue, max_wait, quantum, metrics
+        self._since = 0.0  # when the current expert started its turn
+        self.queues: dict[str, deque[Request]] = {}
+        self.engines: dict[str, Engine] = {}  # experts with an engine (KV cache); running ones first
+        self.active: dict[str, list[Request]] = {}  # expert → requests inside its engine
+        self.current: str | None = None  # the expert acquired (pinned) for compute
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self.switches = 0
+        self._thread = threading.Thread(target=self._loop, name="coe-scheduler", daemon=True)
+
+    # -- from any thread ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, req: Request) -> None:
+        with self._lock:
+            if self._pending >= self.max_queue:
+                raise QueueFull(f"the server queue is full ({self.max_queue} requests); retry later")
+            self._pending += 1
+        self._inbox.put(("add", req))
+        self.store.prefetch(req.expert)  # the routing decision starts the load before the queue moves
+        self._wake.set()
+
+    def cancel(self, req: Request) -> None:
+        self._inbox.put(("cancel", req))
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued and running, then end the loop."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._drain()
+            if not any(self.queues.values()) and not any(self.active.values()):
+                if self._stop:
+                    break
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            name = self._pick()
+            try:
+                engine = self._switch_to(name)
+                self._admit(name, engine)
+                self._step(name, engine)
+            except Exception as e:  # noqa: BLE001 - one expert's failure (a corrupted image…) is its own
+                self._fail_expert(name, e)
+        if self.current:
+            self.store.release(self.current)
+            self.current = None
+
+    def _drain(self) -> None:
+        while not self._inbox.empty():
+            op, req = self._inbox.get_nowait()
+            if op == "add":
+                self.queues.setdefault(req.expert, deque()).append(req)
+            elif req in self.queues.get(req.expert, ()):
+                self.queues[req.expert].remove(req)
+                self._finish(req, "abort")
+            elif req in self.active.get(req.expert, ()):
+                self.engines[req.expert].abort(req.seq)
+                self.active[req.expert].remove(req)
+                self._finish(req, "abort")
+
+    def _work(self) -> dict[str, float]:
+        """Expert → arrival of its oldest waiting or running request."""
+        out = {}
+        for name in set(self.queues) | set(self.active):
+            reqs = list(self.queues.get(name, ())) + self.active.get(name, [])
+            if reqs:
+                out[name] = min(r.arrival for r in reqs)
+        return out
+
+    def _pick(self) -> str:
+        work = self._work()
+        oldest = min(work, key=work.get)
+        now = time.monotonic()
+        if self.policy == "fcfs" or now - work[oldest] > self.max_wait:
+            return oldest  # FCFS; or the bound on waiting, whatever the switch costs
+        others = [n for n in work if n != self.current]
+        if self.current in work and (not others or now - self._since < self.quantum):
+            return self.current  # keep batching on the resident expert
+        resident = set(self.store.resident())
+
+        def score(n):
+            cost = 0.0 if n in resident else self.store.switch_cost(n)
+            load = len(self.queues.get(n, ())) + len(self.active.get(n, ()))
+            return (load + (now - work[n])) / (cost + 0.05)
+        return max(others or work, key=score)
+
+    def _switch_to(self, name: str) -> Engine:
+        if name == self.current:
+            return self.engines[name]
+        if self.current is not None:
+            self.store.release(self.current)  # first: with one slot, the next expert needs it
+            self.current = None
+        expert = self.store.acquire(name)
+        self.current, self._since = name, time.monotonic()
+        self.switches += 1
+        if self.metrics:
+            self.metrics.switch(name)
+        engine = self.engines.get(name)
+        if engine is None:
+            engine = self.engines[name] = Engine(expert, self.config)
+            self._trim_engines()
+        else:
+            engine.bind(expert)
+        return engine
+
+    def _trim_engines(self) -> None:
+        """Keep KV caches for experts with work plus a few more; drop the idle ones beyond that."""
+        keep = len(self.store.dev.slots) + 2
+        idle = [n for n in self.engines if n != self.current and not self.active.get(n)]
+        for n in idle[: max(0, len(self.engines) - keep)]:
+            del self.engines[n]
+
+    def _admit(self, name: str, engine: Engine) -> None:
+        q, active = self.queues.get(name, deque()), self.active.setdefault(name, [])
+        limit = float("inf")
+        if self.policy == "fcfs":  # no request overtakes an earlier one queued for another expert
+            limit = min((o[0].arrival for n, o in self.queues.items() if n != name and o), default=limit)
+        while q and len(active) < self.config.max_batch and q[0].arrival <= limit:
+            req = q.popleft()
+            engine.add(req.seq)
+            active.append(req)
+
+    def _step(self, name: str, engine: Engine) -> None:
+        done = engine.step()
+        for req in list(self.active.get(name, ())):
+            if req.seq in done or req.seq.finished:
+                self.active[name].remove(req)
+                self._finish(req, None)
+
+    def _finish(self, req: Request, reason: str | None) -> None:
+        with self._lock:
+            self._pending -= 1
+        if reason:
+            req.seq.finish_reason = reason
+        req.on_event("done", req.seq)
+
+    def _fail_expert(self, name: str, err: Exception) -> None:
+        for req in list(self.queues.pop(name, ())) + self.active.pop(name, []):
+            with self._lock:
+                self._pending -= 1
+            req.on_event("error", err)
+        self.engines.pop(name, None)
+        if self.current == name:
+            self.store.release(name)
+            self.current = None

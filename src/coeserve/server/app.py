@@ -1,0 +1,181 @@
+"""The OpenAI-compatible HTTP API (FastAPI). A request is validated, routed (`model: "coe"`) or sent to
+the named expert, tokenized with that expert's template, and queued on the scheduler; tokens come back
+from the engine thread through an asyncio queue, as SSE chunks or one JSON body. Every error is an
+OpenAI-style body; one request's failure never touches the others."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from coeserve.engine.sequence import SamplingParams, Sequence
+from coeserve.scheduler import QueueFull
+from coeserve.scheduler import Request as Job
+from coeserve.server import schemas
+from coeserve.server.schemas import ChatRequest, CompletionRequest, error_body
+
+VIRTUAL = "coe"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+
+
+@dataclass
+class ServerState:
+    store: object
+    scheduler: object
+    router: object
+    experts: list[str]
+    fallback: str  # the general expert: low-confidence routes and empty mapping entries go here
+    max_seq_len: int = 2048
+    default_max_tokens: int = 256
+    api_key: str | None = None
+    max_body: int = 1 << 20
+    metrics: object = None
+    ready: bool = False
+    draining: bool = False
+    codecs: dict = field(default_factory=dict)
+
+    def codec(self, name: str):
+        if name not in self.codecs:
+            from coeserve.engine.load import load_codec
+            codec = load_codec(self.store.disk, name, self.store.disk.config(name))
+            if codec is None:
+                raise ApiError(400, f"expert {name!r} has no tokenizer; it cannot take text")
+            self.codecs[name] = codec
+        return self.codecs[name]
+
+    def context(self, name: str) -> int:
+        return min(self.max_seq_len, self.store.disk.config(name).max_position)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="coeserve", docs_url=None, redoc_url=None)
+    app.state.coe = state
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next):
+        path = request.url.path
+        if path.startswith("/v1/"):
+            if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
+                return _error(ApiError(401, "missing or wrong API key (Authorization: Bearer …)",
+                                       "authentication_error", "invalid_api_key"))
+            if not state.ready or state.draining:
+                why = "shutting down" if state.draining else "starting"
+                return _error(ApiError(503, f"the server is {why}; retry shortly", "service_unavailable"))
+            size = request.headers.get("content-length")
+            if size and size.isdigit() and int(size) > state.max_body:
+                return _error(ApiError(413, f"request body over {state.max_body} bytes", code="request_too_large"))
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, e: ApiError):
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:])
+        return _error(ApiError(400, f"{where}: {first.get('msg', 'invalid request')}" if where else
+                               first.get("msg", "invalid request"), param=where or None))
+
+    @app.exception_handler(Exception)
+    async def _bug(_, e: Exception):
+        return _error(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(ApiError(e.status_code, str(e.detail), kind))
+
+    @app.get("/health")
+    async def health():
+        ok = state.ready and not state.draining
+        return JSONResponse({"status": "ok" if ok else ("draining" if state.draining else "starting")},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        now = int(time.time())
+        data = [{"id": VIRTUAL, "object": "model", "created": now, "owned_by": "coeserve"}]
+        data += [{"id": n, "object": "model", "created": now, "owned_by": "coeserve"} for n in state.experts]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        users = [m["content"] for m in msgs if m["role"] == "user"]
+        expert, route = await _resolve(state, body.model, users[-1] if users else msgs[-1]["content"])
+        codec = await run_in_threadpool(state.codec, expert)
+        ids, stop = codec.chat_prompt(msgs)
+        return await _run(state, request, body, expert, route, ids, stop, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        expert, route = await _resolve(state, body.model, body.prompt)
+        codec = await run_in_threadpool(state.codec, expert)
+        return await _run(state, request, body, expert, route, codec.encode(body.prompt), (), chat=False)
+
+    return app
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(str(e), e.kind, e.code, e.param), status_code=e.status)
+
+
+async def _resolve(state: ServerState, model: str, text: str) -> tuple[str, tuple[str, float]]:
+    if model != VIRTUAL:
+        if model not in state.experts:
+            raise ApiError(404, f"the model {model!r} does not exist (GET /v1/models lists them)",
+                           "not_found_error", "model_not_found", "model")
+        return model, ("none", 1.0)
+    t = time.perf_counter()
+    r = (await run_in_threadpool(state.router.route, [text]))[0]
+    if state.metrics:
+        state.metrics.router.observe(time.perf_counter() - t)
+    expert = r.expert if r.expert in state.experts else state.fallback
+    return expert, (r.category, r.prob)
+
+
+async def _run(state, request, body, expert, route, ids, stop, chat: bool):
+    if len(ids) >= state.context(expert):
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; {expert}'s context holds {state.context(expert)} "
+                       "(prompt plus at least one generated token)", code="context_length_exceeded")
+    try:
+        params = SamplingParams(max_tokens=body.limit(state.default_max_tokens), temperature=body.temperature,
+                                top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()) + tuple(stop))
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def on_event(kind, payload):
+        loop.call_soon_threadsafe(events.put_nowait, (kind, payload, time.monotonic()))
+    seq = Sequence(list(ids), params, on_text=lambda text: on_event("text", text))
+    job = Job(expert, seq, on_event)
+    try:
+        state.scheduler.submit(job)
+    except QueueFull as e:
+        raise ApiError(429, str(e), "rate_limit_error", "queue_full") from None
+    headers = {"x-coe-expert": expert, "x-coe-category": route[0], "x-coe-confidence": f"{route[1]:.4f}"}
+    from coeserve.server.stream import collect, stream
+    if body.stream:
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream(state, job, events, chat, include), media_type="text/event-stream",
+                                 headers=headers)
+    out = await collect(state, request, job, events, chat)
+    return JSONResponse(out, headers=headers, status_code=200 if "error" not in out else 500)

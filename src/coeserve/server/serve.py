@@ -1,0 +1,138 @@
+"""`coe serve`: settings from `--config coe.toml` with flags on top, then uvicorn on the app at once
+(answering 503 while starting) while a thread installs missing built-ins and builds the store, router
+and scheduler. SIGTERM drains: no new requests (503), in-flight ones finish, then the process exits."""
+from __future__ import annotations
+
+import sys
+import threading
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from coeserve.config import EngineConfig, StoreConfig, default_home, parse_bytes
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback unless asked: the API has no key by default
+    port: int = 8000
+    api_key: str | None = None
+    home: str | None = None
+    experts: tuple[str, ...] = ()  # default: every installed expert (the built-ins are installed first)
+    router: str | None = None  # router artifact directory; default: the built-in router
+    host_memory: str | None = None
+    device_slots: int | None = None
+    policy: str = "lru"  # store eviction
+    schedule: str = "coe"  # coe | fcfs
+    max_batch: int = 8
+    max_seq_len: int = 2048
+    max_queue: int = 256
+    max_wait: float = 5.0
+    max_tokens: int = 256  # when a request gives none
+    max_body: int = 1 << 20
+    device: str = "auto"
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"invalid port {self.port}")
+        if self.schedule not in ("coe", "fcfs"):
+            raise ValueError(f"unknown schedule {self.schedule!r} (coe or fcfs)")
+        object.__setattr__(self, "experts", tuple(self.experts))
+
+
+def load_config(path: str | None, overrides: dict) -> ServeConfig:
+    values: dict = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: {e}") from None
+        for section in data.values() if all(isinstance(v, dict) for v in data.values()) else [data]:
+            values.update({k.replace("-", "_"): v for k, v in section.items()})
+        known = {f.name for f in fields(ServeConfig)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ServeConfig(**values)
+
+
+def build(cfg: ServeConfig, state) -> None:
+    """Everything slow, on a thread while the port already answers 503."""
+    from coeserve import catalog
+    from coeserve.router.router import Router
+    from coeserve.scheduler import Scheduler
+    from coeserve.store.disk import DiskStore
+    from coeserve.store.store import ExpertStore
+
+    disk = DiskStore(Path(cfg.home) if cfg.home else default_home())
+    if not cfg.experts:
+        catalog.ensure(disk)
+    experts = list(cfg.experts) or disk.names()
+    for n in experts:
+        disk.info(n)  # a clear error for a name that is not installed
+    store_cfg = StoreConfig(host_bytes=parse_bytes(cfg.host_memory) if cfg.host_memory else None,
+                            device_slots=cfg.device_slots, policy=cfg.policy)
+    store = ExpertStore(disk, store_cfg, device=cfg.device, max_len=cfg.max_seq_len)
+    router = Router.load(Path(cfg.router)) if cfg.router else Router.load()
+    engine_cfg = EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, device=cfg.device)
+    sched = Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=state.metrics)
+    state.store, state.router, state.scheduler, state.experts = store, router, sched, experts
+    general = router.spec.mapping.get(router.spec.fallback)
+    state.fallback = general if general in experts else experts[0]
+    state.metrics.store, state.metrics.scheduler = store, sched
+    sched.start()
+    state.ready = True
+
+
+def run(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    from coeserve.server.app import ServerState, create_app
+    from coeserve.server.metrics import Metrics
+
+    state = ServerState(None, None, None, [], "", max_seq_len=cfg.max_seq_len, default_max_tokens=cfg.max_tokens,
+                        api_key=cfg.api_key, max_body=cfg.max_body, metrics=Metrics())
+    failure: list[BaseException] = []
+    server = _server(uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="warning",
+                                    timeout_graceful_shutdown=60), state)
+
+    def start():
+        try:
+            build(cfg, state)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread, which then exits
+            failure.append(e)
+            server.should_exit = True
+            return
+        base = f"http://{cfg.host}:{cfg.port}/v1"
+        print(f"coeserve: serving {', '.join(state.experts)} and the routed model 'coe' at {base}\n"
+              f"  curl {base}/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"coe\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is 7 * 8?\"}}]}}'\n"
+              f"  or: OpenAI(base_url=\"{base}\", api_key=\"{cfg.api_key or 'none'}\")", flush=True)
+
+    threading.Thread(target=start, name="coe-start", daemon=True).start()
+    print(f"coeserve: starting on http://{cfg.host}:{cfg.port} (503 until ready)", flush=True)
+    server.run()
+    if state.scheduler is not None:
+        state.scheduler.stop()
+        state.store.close()
+    if failure:
+        raise failure[0]
+    return 0
+
+
+def _server(config, state):
+    """A uvicorn.Server that marks the state draining the moment a shutdown signal arrives."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            state.draining = True
+            print("coeserve: draining (finishing in-flight requests)", file=sys.stderr, flush=True)
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal once it has shut down; after a drain we clean up
+            # and exit with status 0 instead.
+            getattr(self, "_captured_signals", []).clear()
+    return Server(config)

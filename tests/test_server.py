@@ -1,0 +1,259 @@
+"""The CoE server, live on loopback, driven by the official `openai` client: chat and completions,
+streaming and not, routed and explicit, concurrency across experts, every error code, a client that
+disconnects mid-stream, and a SIGTERM drain."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from .conftest import GEMMA, REPO, SMOL
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, key: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class Live:
+    def __init__(self, home: Path, tmp: Path, **settings):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cfg = tmp / f"coe-{self.port}.toml"
+        lines = ["[server]", f"port = {self.port}", f'home = "{home}"', "max_seq_len = 512", "max_batch = 4"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        cfg.write_text("\n".join(lines) + "\n")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
+        self.proc = subprocess.Popen([sys.executable, "-m", "coeserve.cli", "serve", "--config", str(cfg)],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.first_health = None
+
+    def wait_ready(self, timeout: float = 300) -> "Live":
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                code, _ = get(self.base + "/health")
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+                continue
+            self.first_health = self.first_health or code
+            if code == 200:
+                return self
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def client(self, key: str | None = KEY, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key or "none", max_retries=0, **kw)
+
+    def metric(self, name: str, **labels) -> float:
+        _, text = get(self.base + "/metrics")
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            if line.startswith(name) and (not labels or "{" + want + "}" in line or all(
+                    f'{k}="{v}"' in line for k, v in labels.items())):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def live(store, tmp_path_factory):
+    srv = Live(store.home, tmp_path_factory.mktemp("serve"), api_key=KEY, max_queue=6)
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def ask(client, model=SMOL, content="What is the capital of France?", **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_starting_answers_503_then_ready(live):
+    assert live.first_health == 503  # the port answered while the store and router were being built
+    assert get(live.base + "/health")[0] == 200
+
+
+def test_models_lists_experts_and_coe(live):
+    ids = [m.id for m in live.client().models.list().data]
+    assert ids[0] == "coe" and {SMOL, GEMMA} <= set(ids)
+
+
+def test_chat_explicit_expert(live):
+    raw = live.client().chat.completions.with_raw_response.create(
+        model=SMOL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12,
+        temperature=0)
+    r = raw.parse()
+    assert raw.headers["x-coe-expert"] == SMOL and r.model == SMOL
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 5
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_equals_non_stream(live):
+    c = live.client()
+    whole = ask(c, max_tokens=16).choices[0].message.content
+    chunks = list(ask(c, max_tokens=16, stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+
+
+def test_routed_requests_name_their_expert_and_category(live):
+    c = live.client()
+    raw = c.chat.completions.with_raw_response.create(
+        model="coe", messages=[{"role": "user", "content": "Write a Python function that returns the n-th "
+                                                          "Fibonacci number."}], max_tokens=8)
+    assert raw.headers["x-coe-category"] == "coding"
+    assert raw.parse().model == raw.headers["x-coe-expert"] in (SMOL, GEMMA)
+    assert 0 < float(raw.headers["x-coe-confidence"]) <= 1
+
+
+def test_completions_on_the_base_model(live, gemma):
+    """Through the server, the same greedy text as our engine in this process."""
+    from coeserve.config import EngineConfig
+    from coeserve.engine.engine import Engine
+    from coeserve.engine.sequence import SamplingParams
+
+    prompt = "The capital of France is"
+    want = Engine(gemma, EngineConfig(max_batch=1, max_seq_len=64)).generate(
+        [gemma.codec.encode(prompt)], SamplingParams(max_tokens=6, temperature=0))[0].text
+    c = live.client()
+    r = c.completions.create(model=GEMMA, prompt=prompt, max_tokens=6, temperature=0)
+    s = list(c.completions.create(model=GEMMA, prompt=prompt, max_tokens=6, temperature=0, stream=True))
+    assert r.model == GEMMA and r.choices[0].text == want
+    assert "".join(ch.choices[0].text for ch in s if ch.choices) == want
+
+
+def test_concurrent_requests_to_different_experts(live):
+    c, out = live.client(), {}
+
+    def one(i):
+        model = (SMOL, GEMMA)[i % 2]
+        out[i] = ask(c, model=model, max_tokens=6, seed=i, temperature=0.8).model
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == {i: (SMOL, GEMMA)[i % 2] for i in range(6)}
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+])
+def test_invalid_fields_are_400(live, kw, needle):
+    args = {"model": SMOL, "messages": [{"role": "user", "content": "hi"}], **kw}
+    with pytest.raises(openai.BadRequestError) as e:
+        live.client().chat.completions.create(**args)
+    assert needle in e.value.body["message"] or needle in str(e.value.body)
+
+
+def test_unknown_model_404_and_bad_key_401(live):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        ask(live.client(), model="no-such-model")
+    with pytest.raises(openai.AuthenticationError):
+        ask(live.client(key="wrong"))
+    with pytest.raises(openai.NotFoundError):
+        ask(live.client(), model="../../etc/passwd")
+
+
+def test_oversized_body_413_and_long_prompt_400(live):
+    with pytest.raises(openai.APIStatusError) as e:
+        ask(live.client(), content="x" * (2 << 20))
+    assert e.value.status_code == 413
+    with pytest.raises(openai.BadRequestError, match="context"):
+        ask(live.client(), content="the cat sat on the mat. " * 200)
+
+
+def test_full_queue_429_and_others_still_served(live):
+    c, codes = live.client(), []
+
+    def one():
+        try:
+            ask(c, max_tokens=48, content="Tell me a long story about a dragon.")
+            codes.append(200)
+        except openai.RateLimitError:
+            codes.append(429)
+    threads = [threading.Thread(target=one) for _ in range(14)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 429 in codes and 200 in codes
+    assert "Paris" in ask(c).choices[0].message.content  # the server kept going
+
+
+def test_disconnect_mid_stream_frees_its_slot(live):
+    c = live.client()
+    cancelled = live.metric("coe_requests_total", expert=SMOL, status="cancelled")
+    stream = ask(c, max_tokens=200, stream=True, content="Count from one to one hundred in words.")
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    end = time.time() + 30
+    while live.metric("coe_queue_depth") > 0 and time.time() < end:
+        time.sleep(0.1)
+    assert live.metric("coe_queue_depth") == 0
+    assert live.metric("coe_requests_total", expert=SMOL, status="cancelled") == cancelled + 1
+    assert live.metric("coe_kv_free_slots", expert=SMOL) == 4  # every KV slot of its engine is free again
+
+
+def test_metrics_exposes_the_families(live):
+    _, text = get(live.base + "/metrics")
+    for name in ("coe_requests_total", "coe_tokens_total", "coe_time_to_first_token_seconds_bucket",
+                 "coe_inter_token_latency_seconds_bucket", "coe_router_seconds_count", "coe_switches_total",
+                 "coe_bytes_moved_total", "coe_tier_bytes", "coe_queue_depth"):
+        assert name in text, name
+
+
+def test_sigterm_drains_in_flight_requests(store, tmp_path):
+    srv = Live(store.home, tmp_path).wait_ready()
+    try:
+        stream = ask(srv.client(key=None), max_tokens=40, stream=True, content="Count to twenty.")
+        first = next(iter(stream))
+        srv.proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert first is not None and rest and rest[-1].choices[0].finish_reason in ("stop", "length")
+        assert srv.proc.wait(60) == 0
+    finally:
+        srv.stop()
