@@ -3,10 +3,11 @@ picks which expert's batch runs next. Requests arrive already routed (the router
 were queued), and their expert is prefetched into a free slot while other work runs.
 
 Policies (names are the CLI's `--schedule` choices):
-- `coe`: stay on the expert in hand while it has work, for at least `quantum` seconds when others wait;
-  then pick the expert with the most queued work (plus its oldest request's age) per second of switch
-  cost, which is zero for one already in a slot; a request that waited past `max_wait` goes first,
-  whatever the cost, so nothing starves.
+- `coe`: a running batch finishes before a switch, and new requests for its expert join it until a
+  request for another expert has waited past `max_wait`. Between batches the next expert is the one
+  with the most queued work (plus its oldest request's age) per second of switch cost — zero for one
+  already in a slot — unless a request has waited past `max_wait`: then its expert goes next, whatever
+  the cost, so nothing starves. Each turn takes every queued request of its expert, up to max_batch.
 - `fcfs`: first come, first served — the oldest request's expert runs; consecutive requests for it
   join its batch (FCFS + LRU, how Samba-CoE's serving is described in later work; the baseline).
 """
@@ -39,12 +40,11 @@ class Request:
 
 class Scheduler:
     def __init__(self, store, engine_config: EngineConfig, policy: str = "coe", max_queue: int = 256,
-                 max_wait: float = 5.0, quantum: float = 1.0, metrics=None):
+                 max_wait: float = 5.0, metrics=None):
         if policy not in ("coe", "fcfs"):
             raise ValueError(f"unknown schedule {policy!r} (coe or fcfs)")
         self.store, self.config, self.policy = store, engine_config, policy
-        self.max_queue, self.max_wait, self.quantum, self.metrics = max_queue, max_wait, quantum, metrics
-        self._since = 0.0  # when the current expert started its turn
+        self.max_queue, self.max_wait, self.metrics = max_queue, max_wait, metrics
         self.queues: dict[str, deque[Request]] = {}
         self.engines: dict[str, Engine] = {}  # experts with an engine (KV cache); running ones first
         self.active: dict[str, list[Request]] = {}  # expert → requests inside its engine
@@ -130,19 +130,25 @@ class Scheduler:
     def _pick(self) -> str:
         work = self._work()
         oldest = min(work, key=work.get)
+        if self.policy == "fcfs":
+            return oldest
+        if self.active.get(self.current):
+            return self.current  # a running batch finishes before a switch (its KV and weights are hot)
         now = time.monotonic()
-        if self.policy == "fcfs" or now - work[oldest] > self.max_wait:
-            return oldest  # FCFS; or the bound on waiting, whatever the switch costs
-        others = [n for n in work if n != self.current]
-        if self.current in work and (not others or now - self._since < self.quantum):
-            return self.current  # keep batching on the resident expert
+        if now - work[oldest] > self.max_wait:
+            return oldest  # the bound on waiting, whatever the switch costs
         resident = set(self.store.resident())
 
         def score(n):
             cost = 0.0 if n in resident else self.store.switch_cost(n)
-            load = len(self.queues.get(n, ())) + len(self.active.get(n, ()))
-            return (load + (now - work[n])) / (cost + 0.05)
-        return max(others or work, key=score)
+            queued = len(self.queues.get(n, ()))
+            return (queued + (now - work[n]) / self.max_wait) / (cost + 0.05)
+        return max(work, key=score)
+
+    def _starving(self, name: str) -> bool:
+        """Has a request for another expert waited past max_wait?"""
+        limit = time.monotonic() - self.max_wait
+        return any(q and q[0].arrival < limit for n, q in self.queues.items() if n != name)
 
     def _switch_to(self, name: str) -> Engine:
         if name == self.current:
@@ -151,7 +157,7 @@ class Scheduler:
             self.store.release(self.current)  # first: with one slot, the next expert needs it
             self.current = None
         expert = self.store.acquire(name)
-        self.current, self._since = name, time.monotonic()
+        self.current = name
         self.switches += 1
         if self.metrics:
             self.metrics.switch(name)
@@ -175,6 +181,8 @@ class Scheduler:
         limit = float("inf")
         if self.policy == "fcfs":  # no request overtakes an earlier one queued for another expert
             limit = min((o[0].arrival for n, o in self.queues.items() if n != name and o), default=limit)
+        elif active and self._starving(name):
+            return  # let this batch drain so the starving expert gets its turn
         while q and len(active) < self.config.max_batch and q[0].arrival <= limit:
             req = q.popleft()
             engine.add(req.seq)

@@ -158,7 +158,8 @@ async def _run(state, request, body, expert, route, ids, stop, chat: bool):
                        "(prompt plus at least one generated token)", code="context_length_exceeded")
     try:
         params = SamplingParams(max_tokens=body.limit(state.default_max_tokens), temperature=body.temperature,
-                                top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()) + tuple(stop))
+                                top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()) + tuple(stop),
+                                ignore_eos=body.ignore_eos)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     loop, events = asyncio.get_running_loop(), asyncio.Queue()

@@ -26,6 +26,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = None
+    ignore_eos: bool = False  # an extension (as in vLLM): generate exactly max_tokens, for benchmarks
 
     @field_validator("stop")
     @classmethod

@@ -1,0 +1,177 @@
+"""Serving benchmark: one CoE workload against a live `coe serve`, once with our expert-aware scheduler
+and once with FCFS + LRU (the baseline), in one run, on the same requests.
+
+    python bench/serve.py --out bench/results/serve-cpu.json
+
+The workload: the two real experts plus `--synthetic` random-weight experts (Llama-shaped, with
+SmolLM2's tokenizer so they take text), Zipf(`--zipf`) popularity over them, Poisson arrivals at
+`--rate` requests/s, prompts of 16-256 tokens and outputs of 8-64 tokens drawn per request. Two device
+slots and a host tier smaller than all the experts, so most experts are a switch away and some a disk
+read away. Reports throughput, p50/p99 time to first token and switches
+per 100 requests, a table and then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but "
+         "have an they you were her she there been one all we their has would when if so no what out up "
+         "about who them some could time into only then its people two more these also now first may").split()
+
+
+def make_home(tmp: Path, synthetic: int, home: Path) -> list[str]:
+    from coeserve import catalog
+    from coeserve.formats import synthetic as syn
+    from coeserve.store.disk import TOKENIZER_DIR, DiskStore
+
+    real = DiskStore(home)
+    catalog.ensure(real)
+    disk = DiskStore(tmp / "home")
+    disk.root.mkdir(parents=True)
+    for name in catalog.BUILTINS:
+        (disk.root / name).symlink_to(real.path(name))
+    tok = real.path("smollm2-135m-instruct") / TOKENIZER_DIR
+    cfg = syn.synthetic_config("tiny", vocab_size=49152, hidden_size=512, intermediate_size=1536, num_layers=8,
+                               num_heads=8, num_kv_heads=4, head_dim=64)
+    for i in range(synthetic):
+        disk.add(f"synth-{i}", cfg, syn.random_tensors(cfg, seed=i), "fp32", "synthetic", tokenizer_dir=tok)
+    return disk.names()
+
+
+def workload(experts: list[str], n: int, rate: float, zipf: float, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    weights = [1 / (k + 1) ** zipf for k in range(len(experts))]
+    order = experts[:]
+    rng.shuffle(order)  # which expert is popular is random, not alphabetical
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        words = rng.randint(12, 200)
+        out.append({"at": t, "model": rng.choices(order, weights)[0], "max_tokens": rng.randint(8, 64),
+                    "prompt": " ".join(rng.choice(WORDS) for _ in range(words))})
+    return out
+
+
+async def one(client, req: dict, t0: float) -> dict:
+    await asyncio.sleep(max(0.0, t0 + req["at"] - time.monotonic()))
+    start, first, tokens = time.monotonic(), None, 0
+    stream = await client.completions.create(model=req["model"], prompt=req["prompt"], max_tokens=req["max_tokens"],
+                                             temperature=0.0, stream=True, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text and first is None:
+            first = time.monotonic()
+    end = time.monotonic()
+    return {"ttft": (first or end) - start, "end": end, "start": start}
+
+
+async def drive(base: str, reqs: list[dict]) -> list[dict]:
+    import openai
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=3600)
+    t0 = time.monotonic()
+    try:
+        return await asyncio.gather(*(one(client, r, t0) for r in reqs))
+    finally:
+        await client.close()
+
+
+def run_server(home: Path, schedule: str, port: int, slots: int, host_memory: str) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
+    return subprocess.Popen([sys.executable, "-m", "coeserve.cli", "--home", str(home), "serve", "--port", str(port),
+                             "--schedule", schedule, "--device-slots", str(slots), "--max-seq-len", "512",
+                             "--max-batch", "8", "--policy", "lru", "--host-memory", host_memory], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(base: str, proc, timeout=600) -> None:
+    import urllib.request
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited during start-up")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("server not ready")
+
+
+def switches(base: str) -> float:
+    import urllib.request
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("coe_switches_total"))
+
+
+def measure(home: Path, schedule: str, reqs: list[dict], slots: int, host_memory: str) -> dict:
+    port = 8700 + random.randrange(200)
+    base = f"http://127.0.0.1:{port}"
+    proc = run_server(home, schedule, port, slots, host_memory)
+    try:
+        wait_ready(base, proc)
+        res = asyncio.run(drive(base, reqs))
+        span = max(r["end"] for r in res) - min(r["start"] for r in res)
+        ttft = sorted(r["ttft"] for r in res)
+        return {"throughput_rps": len(res) / span, "makespan_s": span, "ttft_p50_s": statistics.median(ttft),
+                "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+                "switches_per_100": 100 * switches(base) / len(res)}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=120)
+    ap.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson)")
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--synthetic", type=int, default=6)
+    ap.add_argument("--device-slots", type=int, default=2)
+    ap.add_argument("--host-memory", default="2GiB", help="host tier: less than all experts (3.4 GiB), so "
+                    "a miss there is a disk read")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--home", default=os.environ.get("COE_HOME"))
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    from coeserve.benchmarks.common import device_name
+    from coeserve.config import default_home
+    import torch
+    with tempfile.TemporaryDirectory(prefix="coe-bench-serve-") as tmp:
+        experts = make_home(Path(tmp), args.synthetic, Path(args.home) if args.home else default_home())
+        reqs = workload(experts, args.requests, args.rate, args.zipf, args.seed)
+        result = {"bench": "serve", "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                  "experts": len(experts), "requests": args.requests, "rate": args.rate, "zipf": args.zipf,
+                  "device_slots": args.device_slots, "host_memory": args.host_memory}
+        for schedule in ("fcfs", "coe"):
+            r = measure(Path(tmp) / "home", schedule, reqs, args.device_slots, args.host_memory)
+            result.update({f"{schedule}_{k}": round(v, 3) for k, v in r.items()})
+    result["ratio_throughput_coe_vs_fcfs"] = round(result["coe_throughput_rps"] / result["fcfs_throughput_rps"], 2)
+    result["ratio_p99_ttft_coe_vs_fcfs"] = round(result["coe_ttft_p99_s"] / result["fcfs_ttft_p99_s"], 2)
+    print(f"{'schedule':10s} {'req/s':>8s} {'p50 TTFT':>9s} {'p99 TTFT':>9s} {'switch/100':>10s}")
+    for s in ("fcfs", "coe"):
+        print(f"{s:10s} {result[s + '_throughput_rps']:8.2f} {result[s + '_ttft_p50_s']:8.2f}s "
+              f"{result[s + '_ttft_p99_s']:8.2f}s {result[s + '_switches_per_100']:10.1f}")
+    print(f"throughput coe/fcfs {result['ratio_throughput_coe_vs_fcfs']:.2f} (target ≥ 3), "
+          f"p99 TTFT coe/fcfs {result['ratio_p99_ttft_coe_vs_fcfs']:.2f} (target < 1)")
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
