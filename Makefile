@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/coe demo
+	$(VENV)/bin/coe serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q
