@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seq-len", type=int)
     s.add_argument("--device")
     _tier_options(s, verbose=False)
+    s.add_argument("--ray", action="store_true", help="run as a Ray Serve app (pip install coeserve[ray])")
+    s.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    s.add_argument("--replicas", type=int, help="CoE node replicas (default 2)")
+    s.add_argument("--node-cpus", type=float, help="Ray CPUs per node replica (default 1)")
+    s.add_argument("--node-gpus", type=float, help="Ray GPUs per node replica (default 0)")
+    s.add_argument("--node-threads", type=int, help="torch threads per node replica")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("bench", help="benchmarks: `coe bench switch --help`")
@@ -231,6 +237,7 @@ def _tier_options(s, verbose: bool = True) -> None:
 
 
 def cmd_serve(args) -> None:
+    from coeserve.formats.checkpoint import ImportError_
     from coeserve.server.serve import load_config, run
 
     names = ("host", "port", "api_key", "router", "schedule", "max_batch", "max_seq_len", "device",
@@ -238,7 +245,19 @@ def cmd_serve(args) -> None:
     over = {n: getattr(args, n) for n in names}
     over["home"] = args.home
     over["experts"] = tuple(args.experts.split(",")) if args.experts else None
-    run(load_config(args.config, over))
+    cfg = load_config(args.config, over)
+    if not (args.ray or args.ray_address):
+        run(cfg)
+        return
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ImportError_("--ray needs Ray Serve: pip install 'coeserve[ray]'") from None
+    from coeserve.cluster.deploy import run as run_cluster
+    from coeserve.server.serve import load_cluster
+    run_cluster(cfg, load_cluster(args.config, {"replicas": args.replicas, "node_cpus": args.node_cpus,
+                                                "node_gpus": args.node_gpus, "node_threads": args.node_threads,
+                                                "address": args.ray_address}))
 
 
 def cmd_bench(args) -> None:

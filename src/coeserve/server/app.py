@@ -33,11 +33,12 @@ class ApiError(Exception):
 
 @dataclass
 class ServerState:
-    store: object
-    scheduler: object
-    router: object
-    experts: list[str]
-    fallback: str  # the general expert: low-confidence routes and empty mapping entries go here
+    disk: object = None  # DiskStore: expert configs and tokenizers
+    store: object = None  # ExpertStore (None at a cluster's ingress: the nodes hold the tiers)
+    scheduler: object = None  # Scheduler, or cluster.remote.RemoteScheduler
+    router: object = None
+    experts: list[str] = field(default_factory=list)
+    fallback: str = ""  # the general expert: low-confidence routes and empty mapping entries go here
     max_seq_len: int = 2048
     default_max_tokens: int = 256
     api_key: str | None = None
@@ -50,14 +51,14 @@ class ServerState:
     def codec(self, name: str):
         if name not in self.codecs:
             from coeserve.engine.load import load_codec
-            codec = load_codec(self.store.disk, name, self.store.disk.config(name))
+            codec = load_codec(self.disk, name, self.disk.config(name))
             if codec is None:
                 raise ApiError(400, f"expert {name!r} has no tokenizer; it cannot take text")
             self.codecs[name] = codec
         return self.codecs[name]
 
     def context(self, name: str) -> int:
-        return min(self.max_seq_len, self.store.disk.config(name).max_position)
+        return min(self.max_seq_len, self.disk.config(name).max_position)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -113,7 +114,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def models():
         now = int(time.time())
         data = [{"id": VIRTUAL, "object": "model", "created": now, "owned_by": "coeserve"}]
-        data += [{"id": n, "object": "model", "created": now, "owned_by": "coeserve"} for n in state.experts]
+        where = getattr(state.scheduler, "placement", {})  # cluster: the replicas an expert was served on
+        data += [{"id": n, "object": "model", "created": now, "owned_by": "coeserve",
+                  **({"coe_replicas": sorted(where.get(n, ()))} if hasattr(state.scheduler, "placement") else {})}
+                 for n in state.experts]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
@@ -167,7 +171,7 @@ async def _run(state, request, body, expert, route, ids, stop, chat: bool):
     def on_event(kind, payload):
         loop.call_soon_threadsafe(events.put_nowait, (kind, payload, time.monotonic()))
     seq = Sequence(list(ids), params, on_text=lambda text: on_event("text", text))
-    job = Job(expert, seq, on_event)
+    job = Job(expert, seq, on_event, buffered=not body.stream)
     try:
         state.scheduler.submit(job)
     except QueueFull as e:

@@ -65,6 +65,12 @@ class _Live:
             q.add_metric([], sched.pending)
             yield q
             kv = GaugeMetricFamily("coe_kv_free_slots", "Free KV-cache slots per expert engine", labels=["expert"])
-            for name, engine in list(sched.engines.items()):
+            for name, engine in list(getattr(sched, "engines", {}).items()):
                 kv.add_metric([name], len(engine.kv.free))
             yield kv
+            where = GaugeMetricFamily("coe_expert_placement", "1 for each replica an expert was served on",
+                                      labels=["expert", "replica", "pid"])
+            for name, replicas in list(getattr(sched, "placement", {}).items()):
+                for r in sorted(replicas):
+                    where.add_metric([name, r, str(sched.pids.get(r, ""))], 1)
+            yield where

@@ -49,7 +49,9 @@ def load_config(path: str | None, overrides: dict) -> ServeConfig:
             raise FileNotFoundError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: {e}") from None
-        for section in data.values() if all(isinstance(v, dict) for v in data.values()) else [data]:
+        sections = [v for k, v in data.items() if k != "cluster"] if all(
+            isinstance(v, dict) for v in data.values()) else [data]
+        for section in sections:
             values.update({k.replace("-", "_"): v for k, v in section.items()})
         known = {f.name for f in fields(ServeConfig)}
         unknown = set(values) - known
@@ -59,13 +61,10 @@ def load_config(path: str | None, overrides: dict) -> ServeConfig:
     return ServeConfig(**values)
 
 
-def build(cfg: ServeConfig, state) -> None:
-    """Everything slow, on a thread while the port already answers 503."""
+def open_experts(cfg: ServeConfig):
+    """The disk store and the experts to serve (installing the built-ins when none are named)."""
     from coeserve import catalog
-    from coeserve.router.router import Router
-    from coeserve.scheduler import Scheduler
     from coeserve.store.disk import DiskStore
-    from coeserve.store.store import ExpertStore
 
     disk = DiskStore(Path(cfg.home) if cfg.home else default_home())
     if not cfg.experts:
@@ -73,15 +72,36 @@ def build(cfg: ServeConfig, state) -> None:
     experts = list(cfg.experts) or disk.names()
     for n in experts:
         disk.info(n)  # a clear error for a name that is not installed
+    return disk, experts
+
+
+def build_node(cfg: ServeConfig, disk, metrics=None):
+    """The three tiers and the engine loop of one device."""
+    from coeserve.scheduler import Scheduler
+    from coeserve.store.store import ExpertStore
+
     store_cfg = StoreConfig(host_bytes=parse_bytes(cfg.host_memory) if cfg.host_memory else None,
                             device_slots=cfg.device_slots, policy=cfg.policy)
     store = ExpertStore(disk, store_cfg, device=cfg.device, max_len=cfg.max_seq_len)
-    router = Router.load(Path(cfg.router)) if cfg.router else Router.load()
     engine_cfg = EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, device=cfg.device)
-    sched = Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=state.metrics)
-    state.store, state.router, state.scheduler, state.experts = store, router, sched, experts
+    return store, Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=metrics)
+
+
+def build_router(cfg: ServeConfig, experts: list[str]):
+    """The router and the general expert that unsure routes fall back to."""
+    from coeserve.router.router import Router
+
+    router = Router.load(Path(cfg.router)) if cfg.router else Router.load()
     general = router.spec.mapping.get(router.spec.fallback)
-    state.fallback = general if general in experts else experts[0]
+    return router, (general if general in experts else experts[0])
+
+
+def build(cfg: ServeConfig, state) -> None:
+    """Everything slow, on a thread while the port already answers 503."""
+    disk, experts = open_experts(cfg)
+    store, sched = build_node(cfg, disk, state.metrics)
+    state.router, state.fallback = build_router(cfg, experts)
+    state.disk, state.store, state.scheduler, state.experts = disk, store, sched, experts
     state.metrics.store, state.metrics.scheduler = store, sched
     sched.start()
     state.ready = True
@@ -93,8 +113,8 @@ def run(cfg: ServeConfig) -> int:
     from coeserve.server.app import ServerState, create_app
     from coeserve.server.metrics import Metrics
 
-    state = ServerState(None, None, None, [], "", max_seq_len=cfg.max_seq_len, default_max_tokens=cfg.max_tokens,
-                        api_key=cfg.api_key, max_body=cfg.max_body, metrics=Metrics())
+    state = ServerState(max_seq_len=cfg.max_seq_len, default_max_tokens=cfg.max_tokens, api_key=cfg.api_key,
+                        max_body=cfg.max_body, metrics=Metrics())
     failure: list[BaseException] = []
     server = _server(uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="warning",
                                     timeout_graceful_shutdown=60), state)
@@ -136,3 +156,12 @@ def _server(config, state):
             # and exit with status 0 instead.
             getattr(self, "_captured_signals", []).clear()
     return Server(config)
+
+
+def load_cluster(path: str | None, overrides: dict):
+    """The `[cluster]` section of the TOML file, flags on top (`coe serve --ray`)."""
+    from coeserve.cluster.deploy import ClusterConfig
+
+    values = dict(tomllib.loads(Path(path).read_text()).get("cluster", {})) if path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ClusterConfig(**{k.replace("-", "_"): v for k, v in values.items()})

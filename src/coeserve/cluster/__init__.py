@@ -1,0 +1,1 @@
+"""Scale-out on Ray Serve (optional: pip install coeserve[ray])."""

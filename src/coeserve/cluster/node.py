@@ -1,0 +1,76 @@
+"""A CoE node as a Ray Serve replica: its own three tiers and engine loop (server/serve.py's
+`build_node`), serving token ids in and events out. The expert a request needs is its Ray Serve
+multiplexed model id, so Serve sends repeat requests for an expert to the replica that holds it."""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import asdict
+
+from ray import serve
+
+from coeserve.engine.sequence import SamplingParams, Sequence
+from coeserve.scheduler import Request
+
+
+class CoENode:
+    def __init__(self, settings: dict):
+        from coeserve.server.serve import ServeConfig, build_node, open_experts
+
+        cfg = ServeConfig(**settings)
+        if cfg.device in ("auto", "cpu") and os.environ.get("COE_NODE_THREADS"):
+            import torch
+            torch.set_num_threads(int(os.environ["COE_NODE_THREADS"]))  # replicas sharing one CPU
+        self.disk, self.experts = open_experts(cfg)
+        self.store, self.scheduler = build_node(cfg, self.disk)
+        self.scheduler.start()
+        ctx = serve.get_replica_context()
+        self.replica = ctx.replica_id.to_full_id_str() if ctx else f"local-{os.getpid()}"
+
+    @serve.multiplexed(max_num_models_per_replica=8)
+    async def _expert(self, name: str) -> str:
+        """Serve's hook for "load model": start bringing the expert into this replica's tiers."""
+        if name not in self.experts:
+            raise ValueError(f"expert {name!r} is not served by this node")
+        self.store.prefetch(name)
+        return name
+
+    async def generate(self, payload: dict):
+        """Events: {"kind": "replica"}, then "text" deltas, then "done" (or "error")."""
+        name = await self._expert(serve.get_multiplexed_model_id())
+        yield {"kind": "replica", "replica": self.replica, "pid": os.getpid()}
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_event(kind, value):
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        seq = Sequence(list(payload["prompt_ids"]), SamplingParams(**payload["params"]),
+                       on_text=lambda t: on_event("text", t))
+        job = Request(name, seq, on_event)
+        self.scheduler.submit(job)
+        finished = False
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "text":
+                    yield {"kind": "text", "text": value}
+                    continue
+                finished = True
+                if kind == "error":
+                    yield {"kind": "error", "message": f"{type(value).__name__}: {value}"}
+                else:
+                    yield {"kind": "done", "text": value.text, "finish_reason": value.finish_reason,
+                           "output_ids": list(value.output_ids)}
+                return
+        finally:
+            if not finished:
+                self.scheduler.cancel(job)
+
+    def state(self) -> dict:
+        return {"replica": self.replica, "pid": os.getpid(), "device": self.store.resident("device"),
+                "host": self.store.resident("host"), "pending": self.scheduler.pending}
+
+
+def params_dict(params: SamplingParams) -> dict:
+    d = asdict(params)
+    d["stop"] = list(d["stop"])
+    return d
