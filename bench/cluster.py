@@ -1,0 +1,90 @@
+"""Cluster benchmark: throughput of the Ray Serve deployment with 1 and with 2 CoE-node replicas on the
+same synthetic CoE workload (bench/serve.py's), in one run. Each replica gets the same resources (one
+CPU thread here), as one more machine would add.
+
+    python bench/cluster.py --out bench/results/cluster-cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve as serve_bench  # noqa: E402 - bench/serve.py: the workload and its driver
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cluster(home: Path, replicas: int, port: int, slots: int) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
+    return subprocess.Popen([sys.executable, "-m", "coeserve.cli", "--home", str(home), "serve", "--ray",
+                             "--port", str(port), "--replicas", str(replicas), "--node-cpus", "0.5",
+                             "--node-threads", "1", "--device-slots", str(slots), "--max-seq-len", "512",
+                             "--max-batch", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def measure(home: Path, replicas: int, reqs: list[dict], slots: int) -> dict:
+    port = 8900 + replicas
+    base = f"http://127.0.0.1:{port}"
+    proc = run_cluster(home, replicas, port, slots)
+    try:
+        serve_bench.wait_ready(base, proc)
+        asyncio.run(serve_bench.drive(base, reqs[:replicas * 2]))  # every replica up before the clock starts
+        res = asyncio.run(serve_bench.drive(base, reqs))
+        span = max(r["end"] for r in res) - min(r["start"] for r in res)
+        ttft = sorted(r["ttft"] for r in res)
+        return {"throughput_rps": len(res) / span, "makespan_s": span, "ttft_p50_s": ttft[len(ttft) // 2]}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(3)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--rate", type=float, default=8.0)
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--synthetic", type=int, default=4)
+    ap.add_argument("--device-slots", type=int, default=2)
+    ap.add_argument("--home", default=os.environ.get("COE_HOME"))
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    import torch
+
+    from coeserve.benchmarks.common import device_name
+    from coeserve.config import default_home
+    with tempfile.TemporaryDirectory(prefix="coe-bench-cluster-") as tmp:
+        experts = serve_bench.make_home(Path(tmp), args.synthetic, Path(args.home) if args.home else default_home())
+        reqs = serve_bench.workload(experts, args.requests, args.rate, args.zipf, seed=1)
+        result = {"bench": "cluster", "device": device_name(torch.device("cpu")), "experts": len(experts),
+                  "requests": args.requests, "rate": args.rate, "threads_per_replica": 1}
+        for n in (1, 2):
+            r = measure(Path(tmp) / "home", n, reqs, args.device_slots)
+            result.update({f"replicas{n}_{k}": round(v, 3) for k, v in r.items()})
+    result["ratio_throughput_2_vs_1"] = round(result["replicas2_throughput_rps"] / result["replicas1_throughput_rps"], 2)
+    print(f"{'replicas':>8s} {'req/s':>8s} {'p50 TTFT':>9s}")
+    for n in (1, 2):
+        print(f"{n:8d} {result[f'replicas{n}_throughput_rps']:8.2f} {result[f'replicas{n}_ttft_p50_s']:8.2f}s")
+    print(f"throughput 2 replicas / 1 replica: {result['ratio_throughput_2_vs_1']:.2f}")
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
