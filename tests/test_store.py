@@ -163,7 +163,8 @@ def test_verbs_pin_evict_prefetch(tmp_path):
         st.pin("x000")
         st.pin("x001")
         assert not st.can_load("x002") and st.can_load("x002", "host")
-        assert not st.prefetch("x002")  # no free slot now: returns at once, without waiting
+        assert st.prefetch("x002")  # no empty slot: returns at once, loading into the host tier only
+        assert "x002" not in st.resident() and "x002" in st.resident("host")
         with pytest.raises(StoreFull, match="pinned"):
             st.evict("x000")
         st.unpin("x001")

@@ -67,9 +67,10 @@ class ExpertStore:
                       "host_evictions": 0, "device_evictions": 0}
 
     # -- verbs ----------------------------------------------------------------------------------
-    def load(self, name: str, tier: str = "device", wait: bool = True):
+    def load(self, name: str, tier: str = "device", wait: bool = True, evict: bool = True):
         """Start bringing `name` into `tier` (evicting by policy as needed) and return the DiskRead or
-        Transfer that tracks it. wait=False raises StoreFull instead of waiting for a pinned tier."""
+        Transfer that tracks it. wait=False raises StoreFull instead of waiting for a pinned tier;
+        evict=False takes only an empty device slot."""
         if tier not in ("host", "device"):
             raise ValueError(f"unknown tier {tier!r} (host or device)")
         with self._cond:
@@ -79,18 +80,23 @@ class ExpertStore:
                 self.dev_policy.touch(name)
             while True:  # a wait releases the lock, so after one everything is looked at again
                 self._ensure_host(e, wait)
-                if tier == "host" or self._ensure_device(e, wait):
+                if tier == "host" or self._ensure_device(e, wait, evict):
                     break
             self._audit()
             return e.transfer if tier == "device" else e.read
 
     def prefetch(self, name: str) -> bool:
-        """Start loading `name` onto the device if there is room now; returns at once."""
-        try:
-            self.load(name, "device", wait=False)
-            return True
-        except (StoreFull, ValueError, LookupError):
-            return False
+        """Start loading `name` and return at once: into an empty device slot if there is one (a
+        prefetch never evicts an expert that may be about to run), else into the host tier."""
+        for tier, evict in (("device", False), ("host", True)):
+            try:
+                self.load(name, tier, wait=False, evict=evict)
+                return True
+            except StoreFull:
+                continue
+            except (ValueError, LookupError):
+                return False
+        return False
 
     def can_load(self, name: str, tier: str = "device") -> bool:
         with self._cond:
@@ -246,7 +252,7 @@ class ExpertStore:
             self._cond.notify_all()
 
     # -- device tier ----------------------------------------------------------------------------
-    def _ensure_device(self, e: _Entry, wait: bool) -> bool:
+    def _ensure_device(self, e: _Entry, wait: bool, evict: bool = True) -> bool:
         """Start the copy into a slot; False if it had to wait for one (the caller starts over)."""
         if e.slot is not None:
             if e.transfer.error is None:
@@ -257,7 +263,7 @@ class ExpertStore:
         if e.nbytes > self.dev.slot_bytes:
             raise StoreFull(f"expert {e.name!r} needs {e.nbytes / 2**20:.0f} MiB; device slots hold "
                             f"{self.dev.slot_bytes / 2**20:.0f} MiB (size slots for the largest expert)")
-        slot = self._free_slot()
+        slot = self._free_slot(evict)
         if slot is None:
             if not wait:
                 raise StoreFull(f"every device slot is in use; cannot bring in {e.name!r} now")
@@ -274,10 +280,10 @@ class ExpertStore:
         self._bind(e, slot)  # while the first bytes move
         return True
 
-    def _free_slot(self) -> Slot | None:
+    def _free_slot(self, evict: bool = True) -> Slot | None:
         empty = [s for s in self.dev.slots if s.owner is None]
-        if empty:
-            return empty[0]
+        if empty or not evict:
+            return empty[0] if empty else None
         done = [self._entries[s.owner] for s in self.dev.slots]
         failed = [e for e in done if e.transfer.error is not None and e.transfer.finished is not None]
         if failed:
