@@ -134,3 +134,29 @@ def plot_pareto(front: list[Assignment], out, chosen: Assignment | None = None, 
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def from_scores(doc: dict, categories: tuple[str, ...], freq: dict, params: dict, assign: dict) -> Problem:
+    """A problem from a `coe evaluate` score file. Categories: the router's; frequencies: `freq` or
+    uniform; parameters: `params` (strings like '7B') or the file's; `assign` pins categories to experts
+    (a pinned category needs no scores, e.g. the fallback category)."""
+    experts = tuple(doc.get("experts") or [])
+    cells = doc.get("cells") or {}
+    if not experts or not cells:
+        raise ValueError("the score file has no experts or no cells (is it from `coe evaluate`?)")
+    for name in list(freq) + list(assign):
+        if name not in categories:
+            raise ValueError(f"unknown category {name!r} (the router's: {', '.join(categories)})")
+    for e in list(assign.values()) + list(params):
+        if e not in experts:
+            raise ValueError(f"unknown expert {e!r} (in the score file: {', '.join(experts)})")
+    p = np.array([parse_count(params[e]) if e in params else float(doc.get("params", {}).get(e, 0)) for e in experts])
+    scores = np.array([[cells.get(f"{e}/{c}", {}).get("score", np.nan) for c in categories] for e in experts],
+                      dtype=float)
+    allowed = np.array([[assign.get(c, e) == e for c in categories] for e in experts])
+    unscored = [c for j, c in enumerate(categories) if c not in assign and np.isnan(scores[:, j]).any()]
+    if unscored:
+        raise ValueError(f"no scores for every expert in {', '.join(unscored)}: evaluate them, or pin them "
+                         "with --assign CATEGORY=EXPERT")
+    f = np.array([float(freq.get(c, 1.0 if not freq else 0.0)) for c in categories])
+    return Problem(experts, tuple(categories), scores, f, p, allowed)
