@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--fused", action="store_true", help="torch.compile the decode step")
         s.add_argument("--device", default="auto")
         s.set_defaults(fn=fn)
+
+    from coeserve.cli_router import add_parsers
+    add_parsers(sub)  # router train | eval | map, route, evaluate
     return p
 
 
