@@ -45,7 +45,7 @@ def cmd_router_train(args) -> None:
     from coeserve.router.train import TrainConfig, evaluate, train
 
     cfg = TrainConfig(classifiers=_csv(args.classifiers), target_accuracy=args.target_accuracy,
-                      embedder=args.embedder)
+                      embedder=args.embedder, max_seq_length=args.max_seq_length)
     out = Path(args.out)
     old = read_spec(out) if (out / "router.json").is_file() else None
     res = train(Path(args.data), out, cfg, device=args.device)
@@ -102,11 +102,18 @@ def cmd_route(args) -> None:
     print(f"routing:  {ms:.1f} ms on {router.embedder.device.type}")
 
 
+def _grouped(mapping: dict) -> str:
+    by: dict[str, list[str]] = {}
+    for c, e in mapping.items():
+        by.setdefault(e, []).append(c)
+    return "; ".join(f"{e}: {', '.join(cs)}" for e, cs in by.items())
+
+
 def _print_tables(problem, chosen, front) -> None:
     cats = list(problem.categories)
-    rows = [[f"{a.avg_params / 1e6:.1f}M", f"{a.score:.4f}", *[a.mapping[c] for c in cats]] for a in front]
     if front:
-        _table("Pareto frontier: expected score vs average active parameters", ["avg params", "score", *cats], rows)
+        _table("Pareto frontier: expected score vs average active parameters", ["avg params", "score", "table"],
+               [[f"{a.avg_params / 1e6:.1f}M", f"{a.score:.4f}", _grouped(a.mapping)] for a in front])
     if chosen is not None:
         _table("chosen table", ["category", "expert", "frequency"],
                [[c, chosen.mapping[c], f"{problem.freq[j]:.3f}"] for j, c in enumerate(cats)])
@@ -202,9 +209,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--classifiers", default="logreg,mlp,knn")
-    s.add_argument("--target-accuracy", type=float, default=0.99,
+    s.add_argument("--target-accuracy", type=float, default=0.98,
                    help="accuracy required of non-fallback validation prompts (calibrates the threshold)")
     s.add_argument("--embedder", default="all-MiniLM-L6-v2", help="all-MiniLM-L6-v2 or a sentence-transformers dir")
+    s.add_argument("--max-seq-length", type=int, default=64, help="embedder input tokens per prompt")
     s.add_argument("--device", default="auto")
     s.set_defaults(fn=cmd_router_train)
 

@@ -13,8 +13,9 @@ class Classifier:
     """`proba(X)`: [N, dim] unit embeddings → [N, classes] probabilities."""
     name = ""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], params: dict):
+    def __init__(self, tensors: dict[str, torch.Tensor], params: dict, fitted=None):
         self.t, self.params = tensors, params
+        self.fitted = fitted  # the scikit-learn model it was exported from (after fit only; never saved)
 
     @classmethod
     def fit(cls, X: np.ndarray, y: np.ndarray, seed: int = 0) -> "Classifier":
@@ -41,7 +42,7 @@ class LogReg(Classifier):
 
         # Unit-length inputs: a weak penalty (C=10) lets the probabilities reach confident values.
         m = LogisticRegression(C=10.0, max_iter=5000, random_state=seed).fit(X, y)
-        return cls({"weight": _f32(m.coef_), "bias": _f32(m.intercept_)}, {"C": 10.0})
+        return cls({"weight": _f32(m.coef_), "bias": _f32(m.intercept_)}, {"C": 10.0}, m)
 
     def proba(self, X):
         return torch.softmax(X @ self.t["weight"].T + self.t["bias"], dim=-1)
@@ -58,7 +59,7 @@ class MLP(Classifier):
         tensors = {}
         for i, (w, b) in enumerate(zip(m.coefs_, m.intercepts_)):
             tensors[f"w{i}"], tensors[f"b{i}"] = _f32(w), _f32(b)
-        return cls(tensors, {"hidden": [256], "alpha": 1e-3, "layers": len(m.coefs_)})
+        return cls(tensors, {"hidden": [256], "alpha": 1e-3, "layers": len(m.coefs_)}, m)
 
     def proba(self, X):
         n = self.params["layers"]

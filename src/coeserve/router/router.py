@@ -30,6 +30,7 @@ class RouterSpec:
     classifier: str
     classifier_params: dict
     embedder: str
+    max_seq_length: int  # embedder input tokens; longer prompts are cut (routing needs their opening)
     threshold: float  # top probability below this → fallback
     ood_threshold: float  # nearest-training-prompt cosine below this → fallback
     text_threshold: float = 0.0  # wordiness below this → fallback
@@ -49,6 +50,8 @@ class RouterSpec:
             raise ValueError(f"router: the fallback category {self.fallback!r} is not one of the categories")
         if not 0 <= self.threshold <= 1 or not 0 <= self.text_threshold <= 1 or not -1 <= self.ood_threshold <= 1:
             raise ValueError("router: threshold and text_threshold must be in [0, 1], ood_threshold in [-1, 1]")
+        if self.max_seq_length < 8:
+            raise ValueError("router: max_seq_length must be at least 8")
         if self.min_words < 0:
             raise ValueError("router: min_words must be >= 0")
         unknown = set(self.mapping) - set(self.categories)
@@ -109,7 +112,8 @@ class Router:
         spec = read_spec(path)
         clf = make(spec.classifier, load_file(str(Path(path) / WEIGHTS_FILE)), spec.classifier_params)
         bank = load_file(str(Path(path) / OOD_FILE))["embeddings"]
-        return cls(spec, clf, bank, embedder or Embedder(spec.embedder, device=device))
+        return cls(spec, clf, bank, embedder or Embedder(spec.embedder, device=device,
+                                                         max_seq_length=spec.max_seq_length))
 
     def with_mapping(self, mapping: dict) -> "Router":
         return Router(replace(self.spec, mapping=dict(mapping)), self.clf, self.bank, self.embedder)
