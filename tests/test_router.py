@@ -180,3 +180,15 @@ def test_coe_router_eval_and_map(store, tmp_path):
     assert len(json.loads(r.stdout.strip().splitlines()[-1])["frontier"]) == 2
     r = coe(store.home, "router", "map", "--scores", str(scores), "--budget", "50M", "--router", str(router))
     assert r.returncode == 2 and "infeasible" in r.stderr and r.stderr.startswith("coe: error:")
+
+
+def test_embedder_by_name_or_path(embedder, tmp_path):
+    from coeserve.router.embedder import Embedder, resolve
+
+    by_path = Embedder(str(resolve("all-MiniLM-L6-v2")), device="cpu")
+    prompts = ["Translate 'good morning' into Spanish.", "Prove that the square root of 2 is irrational."]
+    a, b = embedder(prompts), by_path(prompts)
+    assert a.shape == (2, 384) and torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(2), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="not a sentence-transformers model directory"):
+        Embedder(str(tmp_path), device="cpu")

@@ -203,6 +203,11 @@ def _progress_bar(label: str):
 
 
 def add_parsers(sub) -> None:
+    _add_router(sub)
+    _add_route_and_evaluate(sub)
+
+
+def _add_router(sub) -> None:
     r = sub.add_parser("router", help="train, evaluate and map the category router")
     rs = r.add_subparsers(dest="router_cmd", required=True)
     s = rs.add_parser("train", help="train a router on a labelled JSONL routing set")
@@ -237,6 +242,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--dry-run", action="store_true", help="print the table, do not write it")
     s.set_defaults(fn=cmd_router_map)
 
+
+def _add_route_and_evaluate(sub) -> None:
     s = sub.add_parser("route", help="route one prompt: category, probability, expert, routing time")
     s.add_argument("prompt")
     s.add_argument("--router", help="router directory (default: the built-in router)")

@@ -112,8 +112,11 @@ class Router:
         spec = read_spec(path)
         clf = make(spec.classifier, load_file(str(Path(path) / WEIGHTS_FILE)), spec.classifier_params)
         bank = load_file(str(Path(path) / OOD_FILE))["embeddings"]
-        return cls(spec, clf, bank, embedder or Embedder(spec.embedder, device=device,
-                                                         max_seq_length=spec.max_seq_length))
+        if embedder is None:
+            embedder = Embedder(spec.embedder, device=device, max_seq_length=spec.max_seq_length)
+        else:  # a shared embedder must read prompts the way the classifier was trained
+            embedder.model.max_seq_length = spec.max_seq_length
+        return cls(spec, clf, bank, embedder)
 
     def with_mapping(self, mapping: dict) -> "Router":
         return Router(replace(self.spec, mapping=dict(mapping)), self.clf, self.bank, self.embedder)
