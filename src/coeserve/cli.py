@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("which", choices=["switch"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     s.set_defaults(fn=cmd_bench)
+
+    from coeserve.cli_router import add_parsers
+    add_parsers(sub)  # router train | eval | map, route, evaluate
     return p
 
 

@@ -1,0 +1,103 @@
+"""Routing latency: a batch of 64 prompts through the built-in router on CPU, per prompt, against two
+baselines in the same run — the same prompts routed one at a time, and the batch embedded as one padded
+batch (no length-sorted micro-batches) — plus the compute floor: the embedder's matmul FLOPs for these
+prompts at the fp32 matmul rate measured in this run.
+
+    python bench/route.py --out bench/results/route-cpu.json
+
+The target is ≤10 ms per prompt for a batch of 64 on CPU. Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from coeserve.router import data
+from coeserve.router.router import BUILTIN, Router
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_MS = 10.0
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts from the routing set's test split, all categories mixed."""
+    rows = data.load(REPO / "data" / "routing" / "routing.jsonl", "test")
+    random.Random(seed).shuffle(rows)
+    return [r["prompt"] for r in rows[:n]]
+
+
+def timed(fn, reps: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def matmul_flops_per_s(n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / min(timed(lambda: a @ b, reps))
+
+
+def embedder_flops(router: Router, batch: list[str]) -> float:
+    """2 × (non-embedding weights) per token, over the tokens the embedder sees (attention not counted)."""
+    model = router.embedder.model
+    tok = model.tokenizer(batch, truncation=True, max_length=model.max_seq_length)
+    tokens = sum(len(ids) for ids in tok["input_ids"])
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    return 2 * weights * tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--max-seq-length", type=int, help="override the router's embedder input length")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    router = Router.load(BUILTIN, device="cpu")
+    router.embedder.micro_batch = args.micro_batch
+    if args.max_seq_length:
+        router.embedder.model.max_seq_length = args.max_seq_length
+    batch = prompts(args.batch)
+    n = len(batch)
+    runs = {"batched": timed(lambda: router.route(batch), args.reps),
+            "one at a time": timed(lambda: [router.route([q]) for q in batch], max(2, args.reps // 3))}
+    router.embedder.micro_batch = n
+    runs["one padded batch"] = timed(lambda: router.route(batch), args.reps)
+    router.embedder.micro_batch = args.micro_batch
+    floor_ms = embedder_flops(router, batch) / matmul_flops_per_s() / n * 1e3
+    ms = {k: min(v) / n * 1e3 for k, v in runs.items()}
+    med = {k: statistics.median(v) / n * 1e3 for k, v in runs.items()}
+    print(f"{'routing, batch of ' + str(n):28s} {'best ms/prompt':>15s} {'median':>8s} {'vs batched':>11s}")
+    for k in runs:
+        print(f"{k:28s} {ms[k]:15.2f} {med[k]:8.2f} {ms[k] / ms['batched']:10.2f}x")
+    print(f"{'compute floor (fp32 matmul)':28s} {floor_ms:15.2f}")
+    ok = ms["batched"] <= TARGET_MS
+    print(f"target ≤{TARGET_MS:g} ms/prompt: {'met' if ok else 'NOT met'} ({torch.get_num_threads()} threads, "
+          f"micro-batch {args.micro_batch}, {router.embedder.model.max_seq_length} tokens max)")
+    result = {"bench": "route", "device": "cpu", "cpu": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "batch": n, "micro_batch": args.micro_batch,
+              "max_seq_length": router.embedder.model.max_seq_length,
+              "ms_per_prompt": {k: round(v, 3) for k, v in ms.items()},
+              "median_ms_per_prompt": {k: round(v, 3) for k, v in med.items()},
+              "speedup_vs_one_at_a_time": round(ms["one at a time"] / ms["batched"], 2),
+              "speedup_vs_one_padded_batch": round(ms["one padded batch"] / ms["batched"], 2),
+              "compute_floor_ms_per_prompt": round(floor_ms, 3), "target_ms": TARGET_MS, "target_met": ok}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
