@@ -129,7 +129,7 @@ def run(cfg: ServeConfig) -> int:
         base = f"http://{cfg.host}:{cfg.port}/v1"
         print(f"coeserve: serving {', '.join(state.experts)} and the routed model 'coe' at {base}\n"
               f"  curl {base}/chat/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"coe\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is 7 * 8?\"}}]}}'\n"
+              f"-d '{{\"model\": \"coe\", \"messages\": [{{\"role\": \"user\", \"content\": \"Write a Python function that reverses a string.\"}}]}}'\n"
               f"  or: OpenAI(base_url=\"{base}\", api_key=\"{cfg.api_key or 'none'}\")", flush=True)
 
     threading.Thread(target=start, name="coe-start", daemon=True).start()
