@@ -257,3 +257,14 @@ def test_sigterm_drains_in_flight_requests(store, tmp_path):
         assert srv.proc.wait(60) == 0
     finally:
         srv.stop()
+
+
+def test_llm_judge_through_an_openai_compatible_endpoint(live):
+    """`coe evaluate`'s endpoint judge, against our own server: real HTTP, the real client."""
+    from coeserve.evaluate.judge import EndpointJudge
+
+    judge = EndpointJudge(live.base + "/v1", SMOL, api_key=KEY, max_tokens=24)
+    replies = judge.replies(["Say the word 'ten'."])
+    assert len(replies) == 1 and replies[0].strip()
+    ratings = judge.grade(["What is the capital of France?"], ["Paris."])
+    assert len(ratings) == 1 and (ratings[0] is None or 1 <= ratings[0] <= 10)
