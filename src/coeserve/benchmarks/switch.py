@@ -162,8 +162,12 @@ def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: 
         st.evict(name, "device")
         st.evict(name, "host")
         drop_cache(path)
-    r["c_cold_load_s"] = timed(lambda: st.load(name).wait(), reps, cold)
-    r["g_raw_read_s"] = raw_read(path, scratch(st, nbytes), reps)
+    # (c) and (g) take turns, so a disk whose speed drifts is seen the same by both.
+    c, g = [], []
+    for _ in range(reps):
+        c.append(timed(lambda: st.load(name).wait(), 1, cold))
+        g.append(raw_read(path, scratch(st, nbytes), 1))
+    r["c_cold_load_s"], r["g_raw_read_s"] = statistics.median(c), statistics.median(g)
     hf = hf_dir(disk, name, tmp / "hf")
     if hf is not None:
         st_file = hf / "model.safetensors"

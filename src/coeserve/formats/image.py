@@ -1,5 +1,5 @@
 """The expert image: one contiguous, aligned byte image of every tensor an expert needs, plus an index
-(name, dtype, shape, offset) and per-chunk CRC32 checksums. The same layout is used on disk, in host RAM
+(name, dtype, shape, offset) and per-chunk checksums (xxh3-64; CRC32 in images written before). The same layout is used on disk, in host RAM
 and in a device slot, so moving an expert between tiers is one big copy.
 
 Tensors are laid out in execution order (embedding, layer 0 … layer N-1, final norm, head) and the
@@ -43,12 +43,13 @@ class ImageIndex:
     total_bytes: int
     layer_ends: tuple[int, ...]  # byte offset where the prelude (embedding) and each layer end
     chunk_bytes: int
-    chunk_crcs: tuple[int, ...]
+    chunk_crcs: tuple[int, ...]  # one checksum per chunk, by `algo`
+    algo: str = "xxh3_64"
 
     def to_json(self) -> str:
         d = {"format": "coe-image", "version": 1, "alignment": ALIGN, "total_bytes": self.total_bytes,
              "layer_ends": list(self.layer_ends),
-             "checksum": {"algo": "crc32", "chunk_bytes": self.chunk_bytes, "chunks": list(self.chunk_crcs)},
+             "checksum": {"algo": self.algo, "chunk_bytes": self.chunk_bytes, "chunks": list(self.chunk_crcs)},
              "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset,
                           "nbytes": t.nbytes} for t in self.tensors]}
         return json.dumps(d, indent=1)
@@ -61,7 +62,24 @@ class ImageIndex:
         tensors = tuple(TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"])
                         for t in d["tensors"])
         ck = d["checksum"]
-        return cls(tensors, d["total_bytes"], tuple(d["layer_ends"]), ck["chunk_bytes"], tuple(ck["chunks"]))
+        if ck.get("algo", "crc32") not in CHECKSUMS:
+            raise ValueError(f"unknown checksum {ck.get('algo')!r}")
+        return cls(tensors, d["total_bytes"], tuple(d["layer_ends"]), ck["chunk_bytes"], tuple(ck["chunks"]),
+                   ck.get("algo", "crc32"))
+
+
+def _xxh3(data) -> int:
+    import xxhash
+    return xxhash.xxh3_64_intdigest(data)
+
+
+# xxh3 checks a chunk about 5x faster than zlib's CRC32 on the CPUs we measured (so a cold load runs at
+# disk speed); CRC32 stays readable for images written before.
+CHECKSUMS = {"xxh3_64": _xxh3, "crc32": zlib.crc32}
+
+
+def chunk_checksum(index: "ImageIndex", data) -> int:
+    return CHECKSUMS[index.algo](data)
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -102,7 +120,7 @@ def checksum_file(path: Path, total: int) -> list[int]:
     crcs = []
     with open(path, "rb") as f:
         for _ in range(0, total, CHUNK):
-            crcs.append(zlib.crc32(f.read(CHUNK)))
+            crcs.append(CHECKSUMS["xxh3_64"](f.read(CHUNK)))
     return crcs
 
 
@@ -128,11 +146,11 @@ def check_size(directory: Path, index: ImageIndex) -> Path:
 
 
 def verify_chunks(path: Path, buf: torch.Tensor, index: ImageIndex, chunks: Iterable[int] | None = None) -> None:
-    """Check the CRC32 of the given chunks (default: all) of an image held in `buf` (uint8)."""
+    """Check the checksums of the given chunks (default: all) of an image held in `buf` (uint8)."""
     view = buf.numpy()
     for i in (range(len(index.chunk_crcs)) if chunks is None else chunks):
         lo = i * index.chunk_bytes
-        got = zlib.crc32(view[lo:lo + index.chunk_bytes])
+        got = chunk_checksum(index, view[lo:lo + index.chunk_bytes])
         if got != index.chunk_crcs[i]:
             raise ImageError(f"{path}: checksum mismatch in chunk {i} (bytes {lo}..{lo + index.chunk_bytes}); "
                              "the image is corrupted, re-import the expert")

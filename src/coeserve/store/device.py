@@ -7,7 +7,6 @@ Slots are equal and sized for the largest expert: an address never changes, so v
 made for a slot stay valid, and there is no fragmentation to manage (docs/tiers.md)."""
 from __future__ import annotations
 
-import ctypes
 import queue
 import threading
 import time
@@ -125,10 +124,7 @@ class DeviceTier:
                 t.cond.wait_for(lambda: t.source.prefix >= hi or t.source.error is not None)
             if t.source.error is not None:
                 raise t.source.error
-            if cuda or not t.streaming:
-                dst[pos:hi].copy_(src[pos:hi], non_blocking=cuda)
-            else:  # compute runs right behind this copy: take one core (memmove), leave it the rest
-                ctypes.memmove(dst.data_ptr() + pos, src.data_ptr() + pos, hi - pos)
+            dst[pos:hi].copy_(src[pos:hi], non_blocking=cuda)
             pos = hi
             passed = k
             while passed < len(t.bounds) and t.bounds[passed] <= pos:

@@ -9,13 +9,12 @@ import bisect
 import os
 import threading
 import time
-import zlib
 from concurrent.futures import Executor
 from pathlib import Path
 
 import torch
 
-from coeserve.formats.image import ImageError, ImageIndex, check_size
+from coeserve.formats.image import ImageError, ImageIndex, check_size, chunk_checksum
 
 PAGE = 4096
 
@@ -120,7 +119,7 @@ class DiskRead:
         try:
             if self.error is None:
                 self._read(lo, hi)
-                crc = zlib.crc32(memoryview(self.out.numpy())[lo:hi])
+                crc = chunk_checksum(self.index, memoryview(self.out.numpy())[lo:hi])
                 if crc != self.index.chunk_crcs[i]:
                     raise ImageError(f"{self.path}: checksum mismatch in chunk {i} (bytes {lo}..{hi}); "
                                      "the image is corrupted, re-import the expert")
