@@ -110,10 +110,16 @@ def wait_ready(base: str, proc, timeout=600) -> None:
     raise TimeoutError("server not ready")
 
 
-def switches(base: str) -> float:
+def scrape(base: str) -> dict[str, float]:
+    """Switches and the mean decode batch, from the server's /metrics."""
     import urllib.request
     text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
-    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("coe_switches_total"))
+
+    def total(prefix):
+        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(prefix))
+    steps = total("coe_decode_batch_size_count")
+    return {"switches": total("coe_switches_total"),
+            "mean_batch": total("coe_decode_batch_size_sum") / steps if steps else 0.0}
 
 
 def measure(home: Path, schedule: str, reqs: list[dict], slots: int, host_memory: str) -> dict:
@@ -125,9 +131,10 @@ def measure(home: Path, schedule: str, reqs: list[dict], slots: int, host_memory
         res = asyncio.run(drive(base, reqs))
         span = max(r["end"] for r in res) - min(r["start"] for r in res)
         ttft = sorted(r["ttft"] for r in res)
+        m = scrape(base)
         return {"throughput_rps": len(res) / span, "makespan_s": span, "ttft_p50_s": statistics.median(ttft),
                 "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
-                "switches_per_100": 100 * switches(base) / len(res)}
+                "switches_per_100": 100 * m["switches"] / len(res), "mean_decode_batch": m["mean_batch"]}
     finally:
         proc.terminate()
         proc.wait(60)
@@ -160,10 +167,11 @@ def main(argv=None) -> int:
             result.update({f"{schedule}_{k}": round(v, 3) for k, v in r.items()})
     result["ratio_throughput_coe_vs_fcfs"] = round(result["coe_throughput_rps"] / result["fcfs_throughput_rps"], 2)
     result["ratio_p99_ttft_coe_vs_fcfs"] = round(result["coe_ttft_p99_s"] / result["fcfs_ttft_p99_s"], 2)
-    print(f"{'schedule':10s} {'req/s':>8s} {'p50 TTFT':>9s} {'p99 TTFT':>9s} {'switch/100':>10s}")
+    print(f"{'schedule':10s} {'req/s':>8s} {'p50 TTFT':>9s} {'p99 TTFT':>9s} {'switch/100':>10s} {'batch':>6s}")
     for s in ("fcfs", "coe"):
         print(f"{s:10s} {result[s + '_throughput_rps']:8.2f} {result[s + '_ttft_p50_s']:8.2f}s "
-              f"{result[s + '_ttft_p99_s']:8.2f}s {result[s + '_switches_per_100']:10.1f}")
+              f"{result[s + '_ttft_p99_s']:8.2f}s {result[s + '_switches_per_100']:10.1f} "
+              f"{result[s + '_mean_decode_batch']:6.2f}")
     print(f"throughput coe/fcfs {result['ratio_throughput_coe_vs_fcfs']:.2f} (target ≥ 3), "
           f"p99 TTFT coe/fcfs {result['ratio_p99_ttft_coe_vs_fcfs']:.2f} (target < 1)")
     print(json.dumps(result))

@@ -3,8 +3,8 @@ picks which expert's batch runs next. Requests arrive already routed (the router
 were queued), and their expert is prefetched into a free slot while other work runs.
 
 Policies (names are the CLI's `--schedule` choices):
-- `coe`: a running batch finishes before a switch, and new requests for its expert join it until a
-  request for another expert has waited past `max_wait`. Between batches the next expert is the one
+- `coe`: a running batch finishes before a switch, and new requests for its expert join it as seats
+  free — once a request for another expert has waited past `max_wait`, only ones that overtake nobody. Between batches the next expert is the one
   with the most queued work (plus its oldest request's age) per second of switch cost — zero for one
   already in a slot — unless a request has waited past `max_wait`: then its expert goes next, whatever
   the cost, so nothing starves. Each turn takes every queued request of its expert, up to max_batch.
@@ -179,17 +179,20 @@ class Scheduler:
 
     def _admit(self, name: str, engine: Engine) -> None:
         q, active = self.queues.get(name, deque()), self.active.setdefault(name, [])
-        limit = float("inf")
-        if self.policy == "fcfs":  # no request overtakes an earlier one queued for another expert
-            limit = min((o[0].arrival for n, o in self.queues.items() if n != name and o), default=limit)
-        elif active and self._starving(name):
-            return  # let this batch drain so the starving expert gets its turn
+        limit = float("inf")  # requests that arrived after `limit` may not join now
+        heads = [o[0].arrival for n, o in self.queues.items() if n != name and o]
+        if self.policy == "fcfs" or (active and self._starving(name)):
+            # FCFS: nobody overtakes an earlier request for another expert. coe: a running batch keeps
+            # filling only with requests that overtake no one who has waited past max_wait.
+            limit = min(heads, default=limit)
         while q and len(active) < self.config.max_batch and q[0].arrival <= limit:
             req = q.popleft()
             engine.add(req.seq)
             active.append(req)
 
     def _step(self, name: str, engine: Engine) -> None:
+        if self.metrics and engine.running:
+            self.metrics.batch.observe(len(engine.running))
         done = engine.step()
         for req in list(self.active.get(name, ())):
             if req.seq in done or req.seq.finished:
