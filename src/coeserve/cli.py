@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from coeserve.cli_router import add_parsers
     add_parsers(sub)  # router train | eval | map, route, evaluate
+    from coeserve.cli_plan import add_parser
+    add_parser(sub)  # plan
     return p
 
 
