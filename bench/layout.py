@@ -1,6 +1,7 @@
 """Which matmul path and weight layout streams a decode step fastest on this CPU, at batch 1 and 8:
-F.linear on [out, in] (the default BLAS), x @ W on a transposed [in, out] copy, and oneDNN's linear on
-[out, in] (what models/common.py uses on CPU). The shapes are SmolLM2-135M's, all 30 layers plus the
+F.linear on [out, in] (the default BLAS), x @ W on a transposed [in, out] copy, oneDNN's linear on
+[out, in] (what models/common.py uses on CPU, eager and for fused batches above 1), and the whole step's
+matmuls compiled by torch.compile as reductions (what models/common.py uses in a fused batch-1 step). The shapes are SmolLM2-135M's, all 30 layers plus the
 head, so the weights (~540 MB) do not fit in cache. Prints a table, then one JSON line.
 
     python bench/layout.py
@@ -39,6 +40,13 @@ def main() -> int:
         "x @ W [in,out]": lambda x: [x[m.shape[0]] @ m for m in mats_t],
         "oneDNN [out,in]": lambda x: [onednn(x[m.shape[1]], m, None, "none", [], "") for m in mats],
     }
+    fan_ins = sorted({m.shape[1] for m in mats})
+
+    def reductions(xs, ws):  # one compiled graph: every matmul as sum(w * x), rows of w in the inner loop
+        return [(w[:, None, :] * xs[fan_ins.index(w.shape[1])][None]).sum(-1).t() for w in ws]
+
+    compiled = torch.compile(reductions, dynamic=False)
+    paths["compiled sum(w*x)"] = lambda x: compiled([x[k] for k in fan_ins], mats)
     result = {"bench": "layout", "weights_MB": nbytes / 1e6, "threads": torch.get_num_threads()}
     print(f"{'path':20s} {'batch':>5s} {'ms/step':>8s} {'GB/s':>6s}")
     for b in (1, 8):

@@ -168,3 +168,7 @@ def test_fused_mode_matches_unfused():
     runs = [[s.output_ids for s in Engine(expert, EngineConfig(max_batch=4, max_seq_len=512, **c))
              .generate(prompts, GREEDY)] for c in configs]
     assert runs[0] == runs[1] == runs[2] and all(len(r) == GREEDY.max_tokens for r in runs[0])
+    # A lone sequence decodes at batch 1, where the fused step compiles its matmuls as reductions.
+    alone = [Engine(expert, EngineConfig(max_batch=4, max_seq_len=512, fused=f)).generate(prompts[1:2], GREEDY)[0]
+             .output_ids for f in (False, True)]
+    assert alone[0] == alone[1] == runs[0][1]

@@ -21,6 +21,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     steps 1.2-1.4x faster than the default BLAS path on the CPUs we measured (bench/layout.py)."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN:
         shape = x.shape
+        if torch.compiler.is_compiling() and x.numel() == shape[-1]:
+            # One row (batch-1 decode): a GEMV written as a reduction, which inductor compiles into the
+            # step's own C++ kernels; it streams the weights faster than a oneDNN call (bench/layout.py).
+            y = (w * x.reshape(1, -1)).sum(-1)
+            return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
         # Inductor lowers the oneDNN op only for constant weights; ours are views into a slot, so under
         # torch.compile the call goes through an opaque custom op instead.
         op = torch.ops.coeserve.onednn_linear if torch.compiler.is_compiling() else _onednn
