@@ -268,3 +268,31 @@ def test_llm_judge_through_an_openai_compatible_endpoint(live):
     assert len(replies) == 1 and replies[0].strip()
     ratings = judge.grade(["What is the capital of France?"], ["Paris."])
     assert len(ratings) == 1 and (ratings[0] is None or 1 <= ratings[0] <= 10)
+
+
+def test_concurrent_first_requests_load_a_tokenizer_once(store, monkeypatch):
+    """Requests that arrive together for an expert whose tokenizer is not loaded yet share one load."""
+    from coeserve.engine import load
+    from coeserve.server.app import ServerState
+
+    loads, real = [], load.load_codec
+
+    def counted(*a, **kw):
+        loads.append(a[1])
+        return real(*a, **kw)
+    monkeypatch.setattr(load, "load_codec", counted)
+    state = ServerState(disk=store, experts=[GEMMA, SMOL])
+    start = threading.Barrier(6)
+    got = []
+
+    def first_request(name):
+        start.wait()
+        got.append((name, state.codec(name)))
+    threads = [threading.Thread(target=first_request, args=(n,)) for n in [GEMMA] * 4 + [SMOL] * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(loads) == sorted([GEMMA, SMOL])
+    for name, codec in got:
+        assert codec is state.codecs[name] and codec.encode("hello world")

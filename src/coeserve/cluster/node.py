@@ -49,10 +49,20 @@ class CoENode:
         self.scheduler.submit(job)
         finished = False
         try:
+            pending = []
             while True:
-                kind, value = await events.get()
+                kind, value = pending.pop(0) if pending else await events.get()
                 if kind == "text":
-                    yield {"kind": "text", "text": value}
+                    # Deltas that queued up while the last item was in flight go as one item: each stream
+                    # item costs the node and the ingress a Ray message, whatever its size.
+                    text = [value]
+                    while not events.empty():
+                        k, v = events.get_nowait()
+                        if k != "text":
+                            pending.append((k, v))
+                            break
+                        text.append(v)
+                    yield {"kind": "text", "text": "".join(text)}
                     continue
                 finished = True
                 if kind == "error":
