@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -23,19 +22,20 @@ import serve as serve_bench  # noqa: E402 - bench/serve.py: the workload and its
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cluster(home: Path, replicas: int, port: int, slots: int) -> subprocess.Popen:
+def run_cluster(home: Path, replicas: int, port: int, slots: int, host_memory: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
     return subprocess.Popen([sys.executable, "-m", "coeserve.cli", "--home", str(home), "serve", "--ray",
                              "--port", str(port), "--replicas", str(replicas), "--node-cpus", "0.5",
-                             "--node-threads", "1", "--device-slots", str(slots), "--max-seq-len", "512",
+                             "--node-threads", "1", "--device-slots", str(slots), "--host-memory", host_memory,
+                             "--max-seq-len", "512",
                              "--max-batch", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
 
-def measure(home: Path, replicas: int, reqs: list[dict], slots: int) -> dict:
+def measure(home: Path, replicas: int, reqs: list[dict], slots: int, host_memory: str) -> dict:
     port = 8900 + replicas
     base = f"http://127.0.0.1:{port}"
-    proc = run_cluster(home, replicas, port, slots)
+    proc = run_cluster(home, replicas, port, slots, host_memory)
     try:
         serve_bench.wait_ready(base, proc)
         asyncio.run(serve_bench.drive(base, reqs[:replicas * 2]))  # every replica up before the clock starts
@@ -57,32 +57,31 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--rate", type=float, default=8.0)
     ap.add_argument("--zipf", type=float, default=1.0)
-    ap.add_argument("--synthetic", type=int, default=4)
-    ap.add_argument("--device-slots", type=int, default=2)
+    ap.add_argument("--synthetic", type=int, default=6)
+    ap.add_argument("--device-slots", type=int, default=1, help="per replica")
+    ap.add_argument("--host-memory", default="1GiB", help="host tier per replica")
     ap.add_argument("--home", default=os.environ.get("COE_HOME"))
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     import torch
 
-    from coeserve.benchmarks.common import device_name
+    from coeserve.benchmarks.common import device_name, write_result
     from coeserve.config import default_home
     with tempfile.TemporaryDirectory(prefix="coe-bench-cluster-") as tmp:
         experts = serve_bench.make_home(Path(tmp), args.synthetic, Path(args.home) if args.home else default_home())
         reqs = serve_bench.workload(experts, args.requests, args.rate, args.zipf, seed=1)
         result = {"bench": "cluster", "device": device_name(torch.device("cpu")), "experts": len(experts),
-                  "requests": args.requests, "rate": args.rate, "threads_per_replica": 1}
+                  "requests": args.requests, "rate": args.rate, "zipf": args.zipf, "threads_per_replica": 1,
+                  "device_slots_per_replica": args.device_slots, "host_memory_per_replica": args.host_memory}
         for n in (1, 2):
-            r = measure(Path(tmp) / "home", n, reqs, args.device_slots)
+            r = measure(Path(tmp) / "home", n, reqs, args.device_slots, args.host_memory)
             result.update({f"replicas{n}_{k}": round(v, 3) for k, v in r.items()})
     result["ratio_throughput_2_vs_1"] = round(result["replicas2_throughput_rps"] / result["replicas1_throughput_rps"], 2)
     print(f"{'replicas':>8s} {'req/s':>8s} {'p50 TTFT':>9s}")
     for n in (1, 2):
         print(f"{n:8d} {result[f'replicas{n}_throughput_rps']:8.2f} {result[f'replicas{n}_ttft_p50_s']:8.2f}s")
     print(f"throughput 2 replicas / 1 replica: {result['ratio_throughput_2_vs_1']:.2f}")
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
     return 0
 
 

@@ -11,16 +11,13 @@ written per second). Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from coeserve.benchmarks.common import device_name, sync
+from coeserve.benchmarks.common import device_name, sync, write_result
 from coeserve.config import EngineConfig, default_home
 from coeserve.engine.engine import Engine, Expert
 from coeserve.engine.load import bind_image, load_expert, pick_device, pick_dtype
@@ -160,11 +157,7 @@ def main(argv=None) -> int:
     if "decode_fused_b1_tok_s" in result:
         result["ratio_fused_vs_unfused_b1"] = result["decode_fused_b1_tok_s"] / result["decode_unfused_b1_tok_s"]
     print_table(rows, result)
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
     return 0
 
 

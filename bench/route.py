@@ -10,7 +10,6 @@ The target is ≤10 ms per prompt for a batch of 64 on CPU. Prints a table, then
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from coeserve.benchmarks.common import write_result
 from coeserve.router import data
 from coeserve.router.router import BUILTIN, Router
 
@@ -94,9 +94,7 @@ def main() -> None:
               "speedup_vs_one_at_a_time": round(ms["one at a time"] / ms["batched"], 2),
               "speedup_vs_one_padded_batch": round(ms["one padded batch"] / ms["batched"], 2),
               "compute_floor_ms_per_prompt": round(floor_ms, 3), "target_ms": TARGET_MS, "target_met": ok}
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -66,7 +65,7 @@ def workload(experts: list[str], n: int, rate: float, zipf: float, seed: int) ->
 
 async def one(client, req: dict, t0: float) -> dict:
     await asyncio.sleep(max(0.0, t0 + req["at"] - time.monotonic()))
-    start, first, tokens = time.monotonic(), None, 0
+    start, first = time.monotonic(), None
     stream = await client.completions.create(model=req["model"], prompt=req["prompt"], max_tokens=req["max_tokens"],
                                              temperature=0.0, stream=True, extra_body={"ignore_eos": True})
     async for chunk in stream:
@@ -153,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--home", default=os.environ.get("COE_HOME"))
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    from coeserve.benchmarks.common import device_name
+    from coeserve.benchmarks.common import device_name, write_result
     from coeserve.config import default_home
     import torch
     with tempfile.TemporaryDirectory(prefix="coe-bench-serve-") as tmp:
@@ -174,10 +173,7 @@ def main(argv=None) -> int:
               f"{result[s + '_mean_decode_batch']:6.2f}")
     print(f"throughput coe/fcfs {result['ratio_throughput_coe_vs_fcfs']:.2f} (target ≥ 3), "
           f"p99 TTFT coe/fcfs {result['ratio_p99_ttft_coe_vs_fcfs']:.2f} (target < 1)")
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
     return 0
 
 

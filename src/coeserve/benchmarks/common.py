@@ -1,6 +1,7 @@
 """Small helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -31,3 +32,11 @@ def device_name(dev: torch.device) -> str:
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"{model} ({os.cpu_count()} cpus)"
+
+
+def write_result(result: dict, out: str | Path | None) -> None:
+    """A benchmark's ending: its result as one JSON line on stdout and, with `--out`, as a JSON file."""
+    print(json.dumps(result))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")

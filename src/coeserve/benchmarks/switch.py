@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from coeserve.benchmarks.common import device_name, drop_cache, sync
+from coeserve.benchmarks.common import device_name, drop_cache, sync, write_result
 from coeserve.config import StoreConfig, default_home
 from coeserve.engine.kv_cache import KVCache
 from coeserve.engine.runner import Runner
@@ -226,11 +226,7 @@ def main(argv=None) -> int:
     result = {"bench": "switch", "expert": name, "bytes": nbytes, "device": device_name(st.device),
               **{k: round(v, 5) for k, v in r.items()}, **ratios(r, nbytes)}
     print_table(result)
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
     return 0
 
 
