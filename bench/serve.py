@@ -49,7 +49,8 @@ def make_home(tmp: Path, synthetic: int, home: Path) -> list[str]:
     return disk.names()
 
 
-def workload(experts: list[str], n: int, rate: float, zipf: float, seed: int) -> list[dict]:
+def workload(experts: list[str], n: int, rate: float, zipf: float, seed: int, words: tuple[int, int] = (12, 200),
+             tokens: tuple[int, int] = (8, 64)) -> list[dict]:
     rng = random.Random(seed)
     weights = [1 / (k + 1) ** zipf for k in range(len(experts))]
     order = experts[:]
@@ -57,9 +58,9 @@ def workload(experts: list[str], n: int, rate: float, zipf: float, seed: int) ->
     t, out = 0.0, []
     for _ in range(n):
         t += rng.expovariate(rate)
-        words = rng.randint(12, 200)
-        out.append({"at": t, "model": rng.choices(order, weights)[0], "max_tokens": rng.randint(8, 64),
-                    "prompt": " ".join(rng.choice(WORDS) for _ in range(words))})
+        n_words = rng.randint(*words)
+        out.append({"at": t, "model": rng.choices(order, weights)[0], "max_tokens": rng.randint(*tokens),
+                    "prompt": " ".join(rng.choice(WORDS) for _ in range(n_words))})
     return out
 
 
@@ -85,11 +86,11 @@ async def drive(base: str, reqs: list[dict]) -> list[dict]:
         await client.close()
 
 
-def run_server(home: Path, schedule: str, port: int, slots: int, host_memory: str) -> subprocess.Popen:
+def run_server(home: Path, schedule: str, port: int, slots: int, host_memory: str, max_batch: int) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
     return subprocess.Popen([sys.executable, "-m", "coeserve.cli", "--home", str(home), "serve", "--port", str(port),
                              "--schedule", schedule, "--device-slots", str(slots), "--max-seq-len", "512",
-                             "--max-batch", "8", "--policy", "lru", "--host-memory", host_memory], env=env,
+                             "--max-batch", str(max_batch), "--policy", "lru", "--host-memory", host_memory], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -121,10 +122,10 @@ def scrape(base: str) -> dict[str, float]:
             "mean_batch": total("coe_decode_batch_size_sum") / steps if steps else 0.0}
 
 
-def measure(home: Path, schedule: str, reqs: list[dict], slots: int, host_memory: str) -> dict:
+def measure(home: Path, schedule: str, reqs: list[dict], slots: int, host_memory: str, max_batch: int) -> dict:
     port = 8700 + random.randrange(200)
     base = f"http://127.0.0.1:{port}"
-    proc = run_server(home, schedule, port, slots, host_memory)
+    proc = run_server(home, schedule, port, slots, host_memory, max_batch)
     try:
         wait_ready(base, proc)
         res = asyncio.run(drive(base, reqs))
@@ -141,13 +142,16 @@ def measure(home: Path, schedule: str, reqs: list[dict], slots: int, host_memory
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=120)
-    ap.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson)")
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--rate", type=float, default=8.0, help="requests per second (Poisson)")
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--synthetic", type=int, default=6)
     ap.add_argument("--device-slots", type=int, default=2)
-    ap.add_argument("--host-memory", default="2GiB", help="host tier: less than all experts (3.4 GiB), so "
+    ap.add_argument("--host-memory", default="1GiB", help="host tier: less than all experts (3.4 GiB), so "
                     "a miss there is a disk read")
+    ap.add_argument("--max-batch", type=int, default=16, help="decode batch bound of both servers")
+    ap.add_argument("--prompt-words", default="12-200", help="range of prompt lengths, in words")
+    ap.add_argument("--max-tokens", default="8-64", help="range of output lengths, in tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--home", default=os.environ.get("COE_HOME"))
     ap.add_argument("--out")
@@ -157,12 +161,14 @@ def main(argv=None) -> int:
     import torch
     with tempfile.TemporaryDirectory(prefix="coe-bench-serve-") as tmp:
         experts = make_home(Path(tmp), args.synthetic, Path(args.home) if args.home else default_home())
-        reqs = workload(experts, args.requests, args.rate, args.zipf, args.seed)
+        words, tokens = (tuple(int(v) for v in r.split("-", 1)) for r in (args.prompt_words, args.max_tokens))
+        reqs = workload(experts, args.requests, args.rate, args.zipf, args.seed, words, tokens)
         result = {"bench": "serve", "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                   "experts": len(experts), "requests": args.requests, "rate": args.rate, "zipf": args.zipf,
-                  "device_slots": args.device_slots, "host_memory": args.host_memory}
+                  "device_slots": args.device_slots, "host_memory": args.host_memory,
+                  "max_batch": args.max_batch, "prompt_words": args.prompt_words, "max_tokens": args.max_tokens}
         for schedule in ("fcfs", "coe"):
-            r = measure(Path(tmp) / "home", schedule, reqs, args.device_slots, args.host_memory)
+            r = measure(Path(tmp) / "home", schedule, reqs, args.device_slots, args.host_memory, args.max_batch)
             result.update({f"{schedule}_{k}": round(v, 3) for k, v in r.items()})
     result["ratio_throughput_coe_vs_fcfs"] = round(result["coe_throughput_rps"] / result["fcfs_throughput_rps"], 2)
     result["ratio_p99_ttft_coe_vs_fcfs"] = round(result["coe_ttft_p99_s"] / result["fcfs_ttft_p99_s"], 2)

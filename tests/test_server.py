@@ -271,16 +271,18 @@ def test_llm_judge_through_an_openai_compatible_endpoint(live):
 
 
 def test_concurrent_first_requests_load_a_tokenizer_once(store, monkeypatch):
-    """Requests that arrive together for an expert whose tokenizer is not loaded yet share one load."""
+    """Requests that arrive together for an expert whose tokenizer is not loaded yet share one load, and
+    the engine loop gets that same tokenizer object rather than building its own."""
     from coeserve.engine import load
     from coeserve.server.app import ServerState
 
-    loads, real = [], load.load_codec
+    built, real = [], load.Codec
 
-    def counted(*a, **kw):
-        loads.append(a[1])
-        return real(*a, **kw)
-    monkeypatch.setattr(load, "load_codec", counted)
+    def counted(tok_dir, eos_ids=()):
+        built.append(tok_dir)
+        return real(tok_dir, eos_ids)
+    monkeypatch.setattr(load, "Codec", counted)
+    monkeypatch.setattr(load, "_CODECS", {})
     state = ServerState(disk=store, experts=[GEMMA, SMOL])
     start = threading.Barrier(6)
     got = []
@@ -293,6 +295,8 @@ def test_concurrent_first_requests_load_a_tokenizer_once(store, monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert sorted(loads) == sorted([GEMMA, SMOL])
+    assert len(built) == 2 and len(got) == 6
     for name, codec in got:
         assert codec is state.codecs[name] and codec.encode("hello world")
+        assert load.load_codec(store, name, store.config(name)) is codec  # what the store hands the engine
+    assert state.codecs[GEMMA] is not state.codecs[SMOL]

@@ -1,7 +1,11 @@
 """Load an installed expert for the engine: image → buffer, model bound to views of it, tokenizer."""
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import torch
+import xxhash
 
 from coeserve.engine.engine import Expert
 from coeserve.engine.tokenizer import Codec
@@ -42,7 +46,32 @@ def load_expert(store: DiskStore, name: str, device: str = "auto", dtype: str = 
     return Expert(name, cfg, model, load_codec(store, name, cfg), dev, dt)
 
 
+_CODECS: dict[tuple, list] = {}  # (tokenizer files' hash, eos ids) → [lock, Codec or None]
+_CODECS_LOCK = threading.Lock()
+
+
 def load_codec(store: DiskStore, name: str, cfg) -> Codec | None:
-    """The expert's tokenizer, or None for an expert without one (token ids in and out)."""
+    """The expert's tokenizer, or None for an expert without one (token ids in and out).
+
+    Tokenizers are shared by content: the server's request threads and the engine loop get the same
+    object, experts that ship the same tokenizer files share one, and only one thread builds each (a
+    large vocabulary takes a second or more, which the engine loop must not spend)."""
     tok_dir = store.path(name) / TOKENIZER_DIR
-    return Codec(tok_dir, cfg.eos_token_ids) if tok_dir.is_dir() else None
+    if not tok_dir.is_dir():
+        return None
+    key = (_files_hash(tok_dir), tuple(cfg.eos_token_ids))
+    with _CODECS_LOCK:
+        entry = _CODECS.setdefault(key, [threading.Lock(), None])
+    with entry[0]:
+        if entry[1] is None:
+            entry[1] = Codec(tok_dir, cfg.eos_token_ids)
+    return entry[1]
+
+
+def _files_hash(folder: Path) -> str:
+    h = xxhash.xxh3_128()
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0")
+            h.update(f.read_bytes())
+    return h.hexdigest()

@@ -2,15 +2,18 @@
 no chat template gets a plain transcript format (`User: …\nAssistant:`) and stops at the next turn."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 PLAIN_STOP = ("\nUser:",)
+_IMPORT = threading.Lock()  # transformers' lazy first import is not thread-safe
 
 
 class Codec:
     def __init__(self, tok_dir: Path, eos_ids: tuple[int, ...] = ()):
-        from transformers import AutoTokenizer
+        with _IMPORT:
+            from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(str(tok_dir))
         ids = set(eos_ids)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -48,23 +47,15 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     codecs: dict = field(default_factory=dict)
-    _codec_locks: dict = field(default_factory=dict)
-    _codec_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def codec(self, name: str):
-        """The expert's tokenizer, loaded once: the requests that arrive while it loads (a second or
-        more for a large vocabulary) wait for that one load instead of each starting their own."""
-        if name in self.codecs:
-            return self.codecs[name]
-        with self._codec_lock:
-            lock = self._codec_locks.setdefault(name, threading.Lock())
-        with lock:
-            if name not in self.codecs:
-                from coeserve.engine.load import load_codec
-                codec = load_codec(self.disk, name, self.disk.config(name))
-                if codec is None:
-                    raise ApiError(400, f"expert {name!r} has no tokenizer; it cannot take text")
-                self.codecs[name] = codec
+        if name not in self.codecs:
+            from coeserve.engine.load import load_codec
+            # Shared with the engine loop; concurrent first requests wait for one load (engine/load.py).
+            codec = load_codec(self.disk, name, self.disk.config(name))
+            if codec is None:
+                raise ApiError(400, f"expert {name!r} has no tokenizer; it cannot take text")
+            self.codecs[name] = codec
         return self.codecs[name]
 
     def context(self, name: str) -> int:
