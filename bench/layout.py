@@ -1,8 +1,9 @@
 """Which matmul path and weight layout streams a decode step fastest on this CPU, at batch 1 and 8:
 F.linear on [out, in] (the default BLAS), x @ W on a transposed [in, out] copy, oneDNN's linear on
-[out, in] (what models/common.py uses on CPU, eager and for fused batches above 1), and the whole step's
-matmuls compiled by torch.compile as reductions (what models/common.py uses in a fused batch-1 step). The shapes are SmolLM2-135M's, all 30 layers plus the
-head, so the weights (~540 MB) do not fit in cache. Prints a table, then one JSON line.
+[out, in] (what models/common.py uses on CPU, eager and for fused batches above 1), and the whole
+step's matmuls compiled by torch.compile as reductions (what models/common.py uses in a fused batch-1
+step). The shapes are SmolLM2-135M's, all 30 layers plus the head, so the weights (~540 MB) do not
+fit in cache. Prints a table, then one JSON line.
 
     python bench/layout.py
 """

@@ -49,19 +49,20 @@ class CoENode:
         self.scheduler.submit(job)
         finished = False
         try:
-            pending = []
+            held = None  # an event taken off the queue while joining text deltas
             while True:
-                kind, value = pending.pop(0) if pending else await events.get()
+                kind, value = held or await events.get()
+                held = None
                 if kind == "text":
                     # Deltas that queued up while the last item was in flight go as one item: each stream
                     # item costs the node and the ingress a Ray message, whatever its size.
                     text = [value]
                     while not events.empty():
-                        k, v = events.get_nowait()
-                        if k != "text":
-                            pending.append((k, v))
+                        held = events.get_nowait()
+                        if held[0] != "text":
                             break
-                        text.append(v)
+                        text.append(held[1])
+                        held = None
                     yield {"kind": "text", "text": "".join(text)}
                     continue
                 finished = True

@@ -18,7 +18,8 @@ from coeserve.config import ModelConfig
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b) with w in [out, in]. On CPU through oneDNN, which ran batch-1 and batch-8 decode
-    steps 1.2-1.4x faster than the default BLAS path on the CPUs we measured (bench/layout.py)."""
+    steps 1.2-1.4x faster than the default BLAS path on the CPUs we measured (bench/layout.py), except
+    for a single row inside a compiled step, where a reduction that inductor compiles is faster still."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN:
         shape = x.shape
         if torch.compiler.is_compiling() and x.numel() == shape[-1]:
