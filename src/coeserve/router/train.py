@@ -129,7 +129,9 @@ def train(path: Path, out: Path, cfg: TrainConfig = TrainConfig(), device: str =
         sorted({r["category"] for r in tr} - set(data.CATEGORIES)))
     if data.FALLBACK not in categories:
         raise ValueError(f"{path}: the training split has no {data.FALLBACK!r} rows (the fallback category)")
-    emb = Embedder(cfg.embedder, device=device, max_seq_length=cfg.max_seq_length)
+    # fp32 whatever the CPU: the artifact (classifier, calibrated thresholds, OOD bank) is the same on
+    # every machine; bf16 routing reads it unchanged (Embedder's docstring).
+    emb = Embedder(cfg.embedder, device=device, max_seq_length=cfg.max_seq_length, dtype="fp32")
     log(f"embedding {len(tr)} train and {len(va)} validation prompts with {cfg.embedder}")
     Xtr, Xva = emb([r["prompt"] for r in tr]).cpu(), emb([r["prompt"] for r in va]).cpu()
     ytr, yva = _labels(tr, categories), _labels(va, categories)
