@@ -5,6 +5,7 @@ page cache with posix_fadvise(DONTNEED) just before.
   (a) raw copy limit: one memcpy of the image (CUDA: one pinned host → device copy)
   (b) our host → device switch          (c) our cold disk → device load
   (d) transformers from_pretrained, cold (e) safetensors load_file + .to(device), cold
+      (on CPU both return file mappings read on first touch: every page is touched before the clock stops)
   (f) time to first token of a request arriving as its switch starts: layer-streamed vs copy-then-run
       (and the same from a cold file: disk → host → device)
   (g) raw cold sequential read of the image file (the disk limit; the faster of buffered and O_DIRECT)
@@ -126,17 +127,26 @@ def hf_dir(disk: DiskStore, name: str, out: Path) -> Path | None:
     return out
 
 
+def resident(tensors, dev: torch.device) -> None:
+    """Make sure the bytes are really there. On CPU both baselines hand back tensors that map the
+    file, read only when touched (`.to("cpu")` copies nothing): touch one byte of every page."""
+    if dev.type == "cpu":
+        for t in tensors:
+            t.detach().reshape(-1).view(torch.uint8)[::4096].sum()
+    sync(dev)
+
+
 def load_transformers(d: Path, dev: torch.device, dtype: torch.dtype) -> None:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, device_map=str(dev))
-    sync(dev)
+    resident(model.state_dict().values(), dev)
     del model
 
 
 def load_safetensors(d: Path, dev: torch.device) -> None:
     from safetensors.torch import load_file
     tensors = {k: v.to(dev) for k, v in load_file(str(d / "model.safetensors")).items()}
-    sync(dev)
+    resident(tensors.values(), dev)
     del tensors
 
 
@@ -162,18 +172,20 @@ def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: 
         st.evict(name, "device")
         st.evict(name, "host")
         drop_cache(path)
-    # (c) and (g) take turns, so a disk whose speed drifts is seen the same by both.
-    c, g = [], []
-    for _ in range(reps):
-        c.append(timed(lambda: st.load(name).wait(), 1, cold))
-        g.append(raw_read(path, scratch(st, nbytes), 1))
-    r["c_cold_load_s"], r["g_raw_read_s"] = statistics.median(c), statistics.median(g)
+    # The cold loads take turns, so a disk whose speed drifts (a shared virtual disk does) is seen the
+    # same by each.
     hf = hf_dir(disk, name, tmp / "hf")
+    runs = {"c_cold_load_s": (lambda: st.load(name).wait(), cold),
+            "g_raw_read_s": (lambda: raw_read(path, scratch(st, nbytes), 1), None)}
     if hf is not None:
         st_file = hf / "model.safetensors"
-        r["d_transformers_s"] = timed(lambda: load_transformers(hf, st.device, st.dtype), max(1, reps // 2),
-                                      lambda: drop_cache(st_file))
-        r["e_safetensors_s"] = timed(lambda: load_safetensors(hf, st.device), reps, lambda: drop_cache(st_file))
+        runs["d_transformers_s"] = (lambda: load_transformers(hf, st.device, st.dtype), lambda: drop_cache(st_file))
+        runs["e_safetensors_s"] = (lambda: load_safetensors(hf, st.device), lambda: drop_cache(st_file))
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, (fn, setup) in runs.items():
+            times[k].append(fn() if k == "g_raw_read_s" else timed(fn, 1, setup))
+    r.update({k: statistics.median(v) for k, v in times.items()})
     prompt = [1 + (i * 7919) % 1000 for i in range(prompt_len)]
     st.load(name).wait()
     first_token(st, name, prompt, True)  # warm the kernels

@@ -7,6 +7,7 @@ Slots are equal and sized for the largest expert: an address never changes, so v
 made for a slot stay valid, and there is no fragmentation to manage (docs/tiers.md)."""
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 import time
@@ -124,7 +125,9 @@ class DeviceTier:
                 t.cond.wait_for(lambda: t.source.prefix >= hi or t.source.error is not None)
             if t.source.error is not None:
                 raise t.source.error
-            dst[pos:hi].copy_(src[pos:hi], non_blocking=cuda)
+            # One core copies while a forward pass streams behind the copy or a disk read is still
+            # arriving (then the loaders checksum on the other core); every core once it all waits.
+            _copy_chunk(dst[pos:hi], src[pos:hi], cuda, t.streaming or not t.source.ready)
             pos = hi
             passed = k
             while passed < len(t.bounds) and t.bounds[passed] <= pos:
@@ -135,3 +138,13 @@ class DeviceTier:
                 with t.cond:
                     t.passed = k = passed
                     t.cond.notify_all()
+
+
+def _copy_chunk(dst: torch.Tensor, src: torch.Tensor, cuda: bool, one_core: bool) -> None:
+    if one_core and not cuda:
+        # Other work runs beside this copy on the CPU: one core copies (memmove, without the GIL) and
+        # leaves the rest to it. torch's copy_ would take every core, stalling a forward pass's threads
+        # at each barrier, so streaming gained nothing (bench/switch.py, case (f)).
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel())
+    else:
+        dst.copy_(src, non_blocking=cuda)

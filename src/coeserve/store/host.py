@@ -76,7 +76,10 @@ def _register(buf: torch.Tensor) -> bool:
 
 
 class DiskRead:
-    """One image file → a host buffer, in checksum chunks spread over the loader threads.
+    """One image file → a host buffer, read in `block`s spread over the loader threads in file order
+    (so the verified prefix grows chunk by chunk and a copy right behind it waits on one chunk at the
+    end, not on as many chunks as there are threads); the thread that reads a chunk's last block
+    verifies that chunk's checksum while the others read on.
 
     `prefix` is the number of leading bytes read and verified; `error` is set (and `prefix` stops)
     if the file is missing, short or corrupted (at once, for a missing file: check it after creating).
@@ -101,8 +104,12 @@ class DiskRead:
             self._fail(e if isinstance(e, ImageError) else ImageError(f"{self.path}: {e.strerror}"))
             return
         self._left = n
+        cb = index.chunk_bytes
+        self._blocks_left = [-(-(min(cb, index.total_bytes - i * cb)) // block) for i in range(n)]
         for i in range(n):
-            pool.submit(self._chunk, i)
+            lo, hi = i * cb, min((i + 1) * cb, index.total_bytes)
+            for b in range(lo, hi, block):
+                pool.submit(self._block, i, b, min(b + block, hi))
 
     @property
     def ready(self) -> bool:
@@ -113,21 +120,29 @@ class DiskRead:
         """No loader thread touches the buffer any more (done, or failed and every chunk abandoned)."""
         return self._left == 0
 
-    def _chunk(self, i: int) -> None:
-        lo = i * self.index.chunk_bytes
-        hi = min(lo + self.index.chunk_bytes, self.index.total_bytes)
+    def _block(self, i: int, lo: int, hi: int) -> None:
         try:
             if self.error is None:
                 self._read(lo, hi)
-                crc = chunk_checksum(self.index, memoryview(self.out.numpy())[lo:hi])
-                if crc != self.index.chunk_crcs[i]:
-                    raise ImageError(f"{self.path}: checksum mismatch in chunk {i} (bytes {lo}..{hi}); "
-                                     "the image is corrupted, re-import the expert")
         except ImageError as e:
             self._fail(e)
         except OSError as e:
             self._fail(ImageError(f"{self.path}: read failed: {e.strerror or e}"))
-        self._finish_chunk(i)
+        with self._lock:
+            self._blocks_left[i] -= 1
+            last = self._blocks_left[i] == 0
+        if last:
+            self._verify(i)
+            self._finish_chunk(i)
+
+    def _verify(self, i: int) -> None:
+        lo = i * self.index.chunk_bytes
+        hi = min(lo + self.index.chunk_bytes, self.index.total_bytes)
+        if self.error is None:
+            crc = chunk_checksum(self.index, memoryview(self.out.numpy())[lo:hi])
+            if crc != self.index.chunk_crcs[i]:
+                self._fail(ImageError(f"{self.path}: checksum mismatch in chunk {i} (bytes {lo}..{hi}); "
+                                      "the image is corrupted, re-import the expert"))
 
     def _read(self, lo: int, hi: int) -> None:
         mv = memoryview(self.out.numpy())
