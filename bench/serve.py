@@ -2,13 +2,15 @@
 and once with FCFS + LRU (the baseline), in one run, on the same requests.
 
     python bench/serve.py --out bench/results/serve-cpu.json
+    python bench/serve.py --dtype bf16 --max-wait 30 --out bench/results/serve-cpu-bf16.json
 
 The workload: the two real experts plus `--synthetic` random-weight experts (Llama-shaped, with
 SmolLM2's tokenizer so they take text), Zipf(`--zipf`) popularity over them, Poisson arrivals at
 `--rate` requests/s, prompts of 16-256 tokens and outputs of 8-64 tokens drawn per request. Two device
 slots and a host tier smaller than all the experts, so most experts are a switch away and some a disk
-read away. Reports throughput, p50/p99 time to first token and switches
-per 100 requests, a table and then one JSON line.
+read away. `--dtype bf16` stores and runs every expert in bf16 (a CPU with AMX runs it faster);
+`--max-wait` sets the coe schedule's bound on waiting (FCFS has none). Reports throughput, p50/p99
+time to first token and switches per 100 requests, a table and then one JSON line.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ WORDS = ("the of and to in is that for it as was with be by on not he this are o
          "about who them some could time into only then its people two more these also now first may").split()
 
 
-def make_home(tmp: Path, synthetic: int, home: Path) -> list[str]:
+def make_home(tmp: Path, synthetic: int, home: Path, dtype: str = "fp32") -> list[str]:
+    """The bench's expert directory: the built-ins (linked from `home` in fp32, imported anew in another
+    dtype) and the synthetic experts, all stored in `dtype`."""
     from coeserve import catalog
     from coeserve.formats import synthetic as syn
     from coeserve.store.disk import TOKENIZER_DIR, DiskStore
@@ -40,12 +44,15 @@ def make_home(tmp: Path, synthetic: int, home: Path) -> list[str]:
     disk = DiskStore(tmp / "home")
     disk.root.mkdir(parents=True)
     for name in catalog.BUILTINS:
-        (disk.root / name).symlink_to(real.path(name))
+        if dtype == "fp32":
+            (disk.root / name).symlink_to(real.path(name))
+        else:
+            catalog.pull(disk, name, dtype=dtype)
     tok = real.path("smollm2-135m-instruct") / TOKENIZER_DIR
     cfg = syn.synthetic_config("tiny", vocab_size=49152, hidden_size=512, intermediate_size=1536, num_layers=8,
                                num_heads=8, num_kv_heads=4, head_dim=64)
     for i in range(synthetic):
-        disk.add(f"synth-{i}", cfg, syn.random_tensors(cfg, seed=i), "fp32", "synthetic", tokenizer_dir=tok)
+        disk.add(f"synth-{i}", cfg, syn.random_tensors(cfg, seed=i), dtype, "synthetic", tokenizer_dir=tok)
     return disk.names()
 
 
@@ -86,11 +93,13 @@ async def drive(base: str, reqs: list[dict]) -> list[dict]:
         await client.close()
 
 
-def run_server(home: Path, schedule: str, port: int, slots: int, host_memory: str, max_batch: int) -> subprocess.Popen:
+def run_server(home: Path, schedule: str, port: int, slots: int, host_memory: str, max_batch: int,
+               dtype: str, max_wait: float | None = None) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
     return subprocess.Popen([sys.executable, "-m", "coeserve.cli", "--home", str(home), "serve", "--port", str(port),
                              "--schedule", schedule, "--device-slots", str(slots), "--max-seq-len", "512",
-                             "--max-batch", str(max_batch), "--policy", "lru", "--host-memory", host_memory], env=env,
+                             "--max-batch", str(max_batch), "--policy", "lru", "--host-memory", host_memory,
+                             "--dtype", dtype] + (["--max-wait", str(max_wait)] if max_wait else []), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -122,10 +131,11 @@ def scrape(base: str) -> dict[str, float]:
             "mean_batch": total("coe_decode_batch_size_sum") / steps if steps else 0.0}
 
 
-def measure(home: Path, schedule: str, reqs: list[dict], slots: int, host_memory: str, max_batch: int) -> dict:
+def measure(home: Path, schedule: str, reqs: list[dict], slots: int, host_memory: str, max_batch: int,
+            dtype: str, max_wait: float | None = None) -> dict:
     port = 8700 + random.randrange(200)
     base = f"http://127.0.0.1:{port}"
-    proc = run_server(home, schedule, port, slots, host_memory, max_batch)
+    proc = run_server(home, schedule, port, slots, host_memory, max_batch, dtype, max_wait)
     try:
         wait_ready(base, proc)
         res = asyncio.run(drive(base, reqs))
@@ -147,8 +157,11 @@ def main(argv=None) -> int:
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--synthetic", type=int, default=6)
     ap.add_argument("--device-slots", type=int, default=2)
-    ap.add_argument("--host-memory", default="1GiB", help="host tier: less than all experts (3.4 GiB), so "
-                    "a miss there is a disk read")
+    ap.add_argument("--host-memory", help="host tier: less than all experts, so a miss there is a disk "
+                    "read (default 1GiB in fp32, of 3.4 GiB of experts; 512MiB in bf16, the same share)")
+    ap.add_argument("--max-wait", type=float, help="the coe schedule's bound on waiting (default: the server's)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="the experts' stored and compute dtype (bf16: fast on CPUs with AMX, and on GPUs)")
     ap.add_argument("--max-batch", type=int, default=16, help="decode batch bound of both servers")
     ap.add_argument("--prompt-words", default="12-200", help="range of prompt lengths, in words")
     ap.add_argument("--max-tokens", default="8-64", help="range of output lengths, in tokens")
@@ -156,19 +169,24 @@ def main(argv=None) -> int:
     ap.add_argument("--home", default=os.environ.get("COE_HOME"))
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    args.host_memory = args.host_memory or ("1GiB" if args.dtype == "fp32" else "512MiB")
     from coeserve.benchmarks.common import device_name, write_result
     from coeserve.config import default_home
+    from coeserve.server.serve import ServeConfig
     import torch
     with tempfile.TemporaryDirectory(prefix="coe-bench-serve-") as tmp:
-        experts = make_home(Path(tmp), args.synthetic, Path(args.home) if args.home else default_home())
+        experts = make_home(Path(tmp), args.synthetic, Path(args.home) if args.home else default_home(), args.dtype)
         words, tokens = (tuple(int(v) for v in r.split("-", 1)) for r in (args.prompt_words, args.max_tokens))
         reqs = workload(experts, args.requests, args.rate, args.zipf, args.seed, words, tokens)
         result = {"bench": "serve", "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                  "dtype": args.dtype,
                   "experts": len(experts), "requests": args.requests, "rate": args.rate, "zipf": args.zipf,
                   "device_slots": args.device_slots, "host_memory": args.host_memory,
-                  "max_batch": args.max_batch, "prompt_words": args.prompt_words, "max_tokens": args.max_tokens}
+                  "max_batch": args.max_batch, "max_wait": args.max_wait or ServeConfig.max_wait,
+                  "prompt_words": args.prompt_words, "max_tokens": args.max_tokens}
         for schedule in ("fcfs", "coe"):
-            r = measure(Path(tmp) / "home", schedule, reqs, args.device_slots, args.host_memory, args.max_batch)
+            r = measure(Path(tmp) / "home", schedule, reqs, args.device_slots, args.host_memory, args.max_batch,
+                        args.dtype, args.max_wait)
             result.update({f"{schedule}_{k}": round(v, 3) for k, v in r.items()})
     result["ratio_throughput_coe_vs_fcfs"] = round(result["coe_throughput_rps"] / result["fcfs_throughput_rps"], 2)
     result["ratio_p99_ttft_coe_vs_fcfs"] = round(result["coe_ttft_p99_s"] / result["fcfs_ttft_p99_s"], 2)

@@ -21,10 +21,21 @@ def cuda_smol(store):
 
 
 def test_bf16_on_cuda_follows_fp32_on_cpu(cuda_smol, smol):
+    """Next-token logits within bf16 rounding. Tokens are not compared: bf16 logits of ~25 come in steps
+    of 0.125, and on this prompt fp32's top two are closer than that (bf16 on CPU flips them too)."""
+    from coeserve.engine.kv_cache import KVCache
+    from coeserve.engine.runner import Runner
+    from coeserve.engine.sequence import Sequence
+
+    def logits(ex, ids):
+        kv = KVCache(ex.cfg, 1, 256, ex.dtype, ex.device)
+        seq = Sequence(ids, SamplingParams(max_tokens=1))
+        seq.slot = kv.allocate()
+        return Runner(ex.model, kv, ex.device).prefill(seq, 256).float().cpu()
+
     ids = smol.codec.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])[0]
-    cpu = Engine(smol, EngineConfig(max_batch=1, max_seq_len=256)).generate([ids], GREEDY)[0].output_ids
-    gpu = Engine(cuda_smol, EngineConfig(max_batch=1, max_seq_len=256)).generate([ids], GREEDY)[0].output_ids
-    assert gpu[:4] == cpu[:4]  # bf16 rounding may fork a long greedy run, not its start
+    cpu, gpu = logits(smol, ids), logits(cuda_smol, ids)
+    assert (gpu - cpu).abs().max() < 0.5 and cpu[gpu.argmax()] > cpu.max() - 0.25
 
 
 def test_fused_matches_unfused_on_cuda(cuda_smol):

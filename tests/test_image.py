@@ -50,3 +50,34 @@ def test_bf16_import_halves_the_image_and_stays_close(store, tmp_path):
     for name in ("embed.weight", "layers.3.gate_up.weight", "norm.weight"):
         assert v16[name].dtype == torch.bfloat16
         assert torch.equal(v16[name], v32[name].to(torch.bfloat16))
+    # The bf16 image runs on CPU in bf16 through the store: parameters are views of the slot's bytes
+    # (no cast copy), and its next-token logits follow fp32's within bf16 rounding. (bf16 rounds logits
+    # of ~25 to steps of 0.125, so a near tie may flip the greedy token: compare values, not tokens.)
+    from coeserve.config import StoreConfig
+    from coeserve.engine.kv_cache import KVCache
+    from coeserve.engine.load import load_expert
+    from coeserve.engine.runner import Runner
+    from coeserve.engine.sequence import SamplingParams, Sequence
+    from coeserve.store.store import ExpertStore
+
+    def logits(ex, ids):
+        kv = KVCache(ex.cfg, 1, 256, ex.dtype, ex.device)
+        seq = Sequence(ids, SamplingParams(max_tokens=1))
+        seq.slot = kv.allocate()
+        return Runner(ex.model, kv, ex.device).prefill(seq, 256).float()
+
+    smol = load_expert(store, SMOL, device="cpu", max_len=256)
+    ids = smol.codec.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])[0]
+    want = logits(smol, ids)
+    st = ExpertStore(DiskStore(tmp_path / "home"), StoreConfig(device_slots=1), device="cpu", dtype="bf16",
+                     max_len=256)
+    try:
+        with st.use("smol-bf16") as ex:
+            slot = st.dev.slots[0].buf
+            lo, hi = slot.data_ptr(), slot.data_ptr() + slot.numel()
+            assert ex.dtype == torch.bfloat16 and all(lo <= w.data_ptr() < hi for w in ex.model.w.values())
+            got = logits(ex, ids)
+    finally:
+        st.close()
+    assert (got - want).abs().max() < 0.5 and want[got.argmax()] > want.max() - 0.25
+    assert set(got.topk(5).indices.tolist()) & set(want.topk(3).indices.tolist()) == set(want.topk(3).indices.tolist())

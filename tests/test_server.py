@@ -300,3 +300,15 @@ def test_concurrent_first_requests_load_a_tokenizer_once(store, monkeypatch):
         assert codec is state.codecs[name] and codec.encode("hello world")
         assert load.load_codec(store, name, store.config(name)) is codec  # what the store hands the engine
     assert state.codecs[GEMMA] is not state.codecs[SMOL]
+
+
+def test_serve_settings_dtype_and_max_wait(tmp_path):
+    from coeserve.server.serve import ServeConfig, load_config
+
+    toml = tmp_path / "coe.toml"
+    toml.write_text('[server]\ndtype = "bf16"\nmax_wait = 30.0\n')
+    assert (load_config(str(toml), {}).dtype, load_config(str(toml), {}).max_wait) == ("bf16", 30.0)
+    assert load_config(str(toml), {"dtype": "fp32", "max_wait": None}).dtype == "fp32"  # flags win
+    assert ServeConfig().dtype == "auto" and ServeConfig().max_wait == 5.0
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        ServeConfig(dtype="int4")

@@ -31,8 +31,11 @@ class ServeConfig:
     max_tokens: int = 256  # when a request gives none
     max_body: int = 1 << 20
     device: str = "auto"
+    dtype: str = "auto"  # compute dtype: fp32 on CPU, bf16 on CUDA; bf16 images run as views, others cast
 
     def __post_init__(self):
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"unknown dtype {self.dtype!r} (auto, fp32, bf16 or fp16)")
         if not 0 < self.port < 65536:
             raise ValueError(f"invalid port {self.port}")
         if self.schedule not in ("coe", "fcfs"):
@@ -82,8 +85,9 @@ def build_node(cfg: ServeConfig, disk, metrics=None):
 
     store_cfg = StoreConfig(host_bytes=parse_bytes(cfg.host_memory) if cfg.host_memory else None,
                             device_slots=cfg.device_slots, policy=cfg.policy)
-    store = ExpertStore(disk, store_cfg, device=cfg.device, max_len=cfg.max_seq_len)
-    engine_cfg = EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, device=cfg.device)
+    store = ExpertStore(disk, store_cfg, device=cfg.device, dtype=cfg.dtype, max_len=cfg.max_seq_len)
+    engine_cfg = EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, device=cfg.device,
+                              dtype=cfg.dtype)
     return store, Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=metrics)
 
 
