@@ -200,6 +200,25 @@ def test_oversized_body_413_and_long_prompt_400(live):
     with pytest.raises(openai.APIStatusError) as e:
         ask(live.client(), content="x" * (2 << 20))
     assert e.value.status_code == 413
+    # The same body sent chunked (no Content-Length) is cut off too; a small chunked one is served.
+    import http.client
+
+    def chunked(content: str) -> tuple[int, dict]:
+        body = json.dumps({"model": SMOL, "max_tokens": 2, "messages": [{"role": "user", "content": content}]})
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=120)
+        try:
+            conn.request("POST", "/v1/chat/completions", body=iter([body[i:i + 65536].encode()
+                                                                   for i in range(0, len(body), 65536)]),
+                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                         encode_chunked=True)
+            r = conn.getresponse()
+            return r.status, json.loads(r.read())
+        finally:
+            conn.close()
+    status, body = chunked("x" * (2 << 20))
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, body = chunked("Say hi.")
+    assert status == 200 and body["choices"][0]["message"]["content"]
     with pytest.raises(openai.BadRequestError, match="context"):
         ask(live.client(), content="the cat sat on the mat. " * 200)
 

@@ -62,9 +62,39 @@ class ServerState:
         return min(self.max_seq_len, self.disk.config(name).max_position)
 
 
+class BodyLimit:
+    """ASGI middleware: a /v1/ body sent without Content-Length (chunked) is read here first, and one
+    over `max_body` bytes gets 413 before the app sees any of it (a declared length is checked in the
+    gate below without reading)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        headers = dict(scope.get("headers") or ())
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or b"content-length" in headers:
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunks.append(msg.get("body", b""))
+            size, more = size + len(chunks[-1]), msg.get("more_body", False)
+            if size > self.state.max_body:
+                err = ApiError(413, f"request body over {self.state.max_body} bytes", code="request_too_large")
+                return await _error(err)(scope, receive, send)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+        await self.app(scope, replayed, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="coeserve", docs_url=None, redoc_url=None)
     app.state.coe = state
+    app.add_middleware(BodyLimit, state=state)
 
     @app.middleware("http")
     async def gate(request: Request, call_next):
