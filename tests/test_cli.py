@@ -29,6 +29,19 @@ def test_generate_streams_an_answer(store):
     assert "tok/s" in r.stderr and "finish: stop" in r.stderr
 
 
+def test_generate_into_a_closed_pipe_stops_quietly(store):
+    """`coe generate … | head -c 8`: the reader goes away mid-stream; no traceback, SIGPIPE's status."""
+    p = subprocess.Popen([sys.executable, "-m", "coeserve.cli", "--home", str(store.home), "generate", "--expert",
+                          SMOL, "--temperature", "0", "--max-tokens", "48", "--seed",
+                          "1", "Count from 1 to 40, one number per line."],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.read(8)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(300) == 141 and len(first) == 8
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
 def test_generate_raw_on_a_base_model(store):
     r = coe(store.home, "generate", "--expert", GEMMA, "--temperature", "0", "--max-tokens", "8", "--raw",
             "1, 2, 3, 4, 5,")

@@ -3,6 +3,7 @@ Every failure the user can cause ends in one line `coe: error: …` and exit sta
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -285,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`coe … | head`): stop quietly. stdout points at devnull so that
+        # flushing it at exit does not raise again (the recipe of Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     return 0
 
 
