@@ -6,6 +6,7 @@ decode is T=1, so a whole decode batch runs in one pass.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -17,16 +18,19 @@ from coeserve.config import ModelConfig
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b) with w in [out, in]. On CPU through oneDNN, which ran batch-1 and batch-8 decode
-    steps 1.2-1.4x faster than the default BLAS path on the CPUs we measured (bench/layout.py), except
-    for a single row inside a compiled step, where a reduction that inductor compiles is faster still."""
+    """x @ w.T (+ b) with w in [out, in]. On CPU through oneDNN, which ran batch-8 decode steps 1.2-1.5x
+    faster than the default BLAS path (MKL) on the AMD and Intel CPUs we measured (bench/layout.py),
+    except for a single row: inside a compiled step a reduction that inductor compiles is fastest on
+    both; eagerly, oneDNN wins on AMD (30.5 vs 49.2 ms a step) and MKL on Intel (22.6 vs 33.1 ms)."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN:
         shape = x.shape
-        if torch.compiler.is_compiling() and x.numel() == shape[-1]:
+        if x.numel() == shape[-1] and torch.compiler.is_compiling():
             # One row (batch-1 decode): a GEMV written as a reduction, which inductor compiles into the
             # step's own C++ kernels; it streams the weights faster than a oneDNN call (bench/layout.py).
             y = (w * x.reshape(1, -1)).sum(-1)
             return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
+        if x.numel() == shape[-1] and _intel():
+            return F.linear(x, w, b)  # one row, eager: MKL's GEMV beats oneDNN on Intel (bench/layout.py)
         # Inductor lowers the oneDNN op only for constant weights; ours are views into a slot, so under
         # torch.compile the call goes through an opaque custom op instead.
         op = torch.ops.coeserve.onednn_linear if torch.compiler.is_compiling() else _onednn
@@ -35,6 +39,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def _intel() -> bool:
+    """Is this an Intel CPU? There MKL (torch's BLAS) is fast; on AMD it takes a slow generic path."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(l.startswith("vendor_id") and "GenuineIntel" in l for l in f)
+    except OSError:
+        return False
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
