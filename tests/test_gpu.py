@@ -23,18 +23,10 @@ def cuda_smol(store):
 def test_bf16_on_cuda_follows_fp32_on_cpu(cuda_smol, smol):
     """Next-token logits within bf16 rounding. Tokens are not compared: bf16 logits of ~25 come in steps
     of 0.125, and on this prompt fp32's top two are closer than that (bf16 on CPU flips them too)."""
-    from coeserve.engine.kv_cache import KVCache
-    from coeserve.engine.runner import Runner
-    from coeserve.engine.sequence import Sequence
-
-    def logits(ex, ids):
-        kv = KVCache(ex.cfg, 1, 256, ex.dtype, ex.device)
-        seq = Sequence(ids, SamplingParams(max_tokens=1))
-        seq.slot = kv.allocate()
-        return Runner(ex.model, kv, ex.device).prefill(seq, 256).float().cpu()
+    from tests.test_store import prefill_logits
 
     ids = smol.codec.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])[0]
-    cpu, gpu = logits(smol, ids), logits(cuda_smol, ids)
+    cpu, gpu = prefill_logits(smol, ids, 256), prefill_logits(cuda_smol, ids, 256).float().cpu()
     assert (gpu - cpu).abs().max() < 0.5 and cpu[gpu.argmax()] > cpu.max() - 0.25
 
 

@@ -54,21 +54,13 @@ def test_bf16_import_halves_the_image_and_stays_close(store, tmp_path):
     # (no cast copy), and its next-token logits follow fp32's within bf16 rounding. (bf16 rounds logits
     # of ~25 to steps of 0.125, so a near tie may flip the greedy token: compare values, not tokens.)
     from coeserve.config import StoreConfig
-    from coeserve.engine.kv_cache import KVCache
     from coeserve.engine.load import load_expert
-    from coeserve.engine.runner import Runner
-    from coeserve.engine.sequence import SamplingParams, Sequence
     from coeserve.store.store import ExpertStore
-
-    def logits(ex, ids):
-        kv = KVCache(ex.cfg, 1, 256, ex.dtype, ex.device)
-        seq = Sequence(ids, SamplingParams(max_tokens=1))
-        seq.slot = kv.allocate()
-        return Runner(ex.model, kv, ex.device).prefill(seq, 256).float()
+    from tests.test_store import prefill_logits
 
     smol = load_expert(store, SMOL, device="cpu", max_len=256)
     ids = smol.codec.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])[0]
-    want = logits(smol, ids)
+    want = prefill_logits(smol, ids, 256)
     st = ExpertStore(DiskStore(tmp_path / "home"), StoreConfig(device_slots=1), device="cpu", dtype="bf16",
                      max_len=256)
     try:
@@ -76,7 +68,7 @@ def test_bf16_import_halves_the_image_and_stays_close(store, tmp_path):
             slot = st.dev.slots[0].buf
             lo, hi = slot.data_ptr(), slot.data_ptr() + slot.numel()
             assert ex.dtype == torch.bfloat16 and all(lo <= w.data_ptr() < hi for w in ex.model.w.values())
-            got = logits(ex, ids)
+            got = prefill_logits(ex, ids, 256).float()
     finally:
         st.close()
     assert (got - want).abs().max() < 0.5 and want[got.argmax()] > want.max() - 0.25

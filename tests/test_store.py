@@ -40,13 +40,13 @@ def run(expert, prompt=PROMPT) -> list[int]:
     return eng.generate([prompt], GREEDY)[0].output_ids
 
 
-def prefill_logits(expert, ids: list[int]) -> torch.Tensor:
-    kv = KVCache(expert.cfg, 1, 64, expert.dtype, expert.device)
+def prefill_logits(expert, ids: list[int], max_len: int = 64) -> torch.Tensor:
+    kv = KVCache(expert.cfg, 1, max_len, expert.dtype, expert.device)
     runner = Runner(expert.model, kv, expert.device)
     from coeserve.engine.sequence import Sequence
     seq = Sequence(ids, GREEDY)
     seq.slot = kv.allocate()
-    return runner.prefill(seq, 64)
+    return runner.prefill(seq, max_len)
 
 
 def test_parse_bytes():

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from coeserve.config import EngineConfig, default_home
+from coeserve.config import COMPUTE_DTYPES, EngineConfig, default_home
 
 
 def _store(args):
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait", type=float, help="coe schedule: seconds a request may wait before its "
                    "expert goes next, whatever the switch costs (default 5)")
     s.add_argument("--device")
-    s.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+    s.add_argument("--dtype", choices=COMPUTE_DTYPES,
                    help="compute dtype (auto: fp32 on CPU, bf16 on CUDA); experts imported in it run as views")
     _tier_options(s, verbose=False)
     s.add_argument("--ray", action="store_true", help="run as a Ray Serve app (pip install coeserve[ray])")
@@ -250,8 +250,8 @@ def cmd_serve(args) -> None:
     from coeserve.formats.checkpoint import ImportError_
     from coeserve.server.serve import load_config, run
 
-    names = ("host", "port", "api_key", "router", "schedule", "max_batch", "max_seq_len", "max_wait", "device", "dtype",
-             "host_memory", "device_slots", "policy")
+    names = ("host", "port", "api_key", "router", "schedule", "max_batch", "max_seq_len", "max_wait", "device",
+             "dtype", "host_memory", "device_slots", "policy")
     over = {n: getattr(args, n) for n in names}
     over["home"] = args.home
     over["experts"] = tuple(args.experts.split(",")) if args.experts else None

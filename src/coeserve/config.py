@@ -79,6 +79,9 @@ def default_home() -> Path:
     return Path(base) / "coeserve"
 
 
+COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")  # auto: fp32 on CPU, bf16 on CUDA
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 16
@@ -93,7 +96,7 @@ class EngineConfig:
     def __post_init__(self):
         if self.max_batch < 1 or self.max_seq_len < 2 or self.prefill_chunk < 1:
             raise ValueError("engine config: max_batch, max_seq_len and prefill_chunk must be positive")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"engine config: unknown dtype {self.dtype!r}")
 
 

@@ -175,16 +175,16 @@ def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: 
     # The cold loads take turns, so a disk whose speed drifts (a shared virtual disk does) is seen the
     # same by each.
     hf = hf_dir(disk, name, tmp / "hf")
-    runs = {"c_cold_load_s": (lambda: st.load(name).wait(), cold),
-            "g_raw_read_s": (lambda: raw_read(path, scratch(st, nbytes), 1), None)}
+    runs = {"c_cold_load_s": lambda: timed(lambda: st.load(name).wait(), 1, cold),
+            "g_raw_read_s": lambda: raw_read(path, scratch(st, nbytes), 1)}
     if hf is not None:
-        st_file = hf / "model.safetensors"
-        runs["d_transformers_s"] = (lambda: load_transformers(hf, st.device, st.dtype), lambda: drop_cache(st_file))
-        runs["e_safetensors_s"] = (lambda: load_safetensors(hf, st.device), lambda: drop_cache(st_file))
+        uncache = lambda: drop_cache(hf / "model.safetensors")  # noqa: E731
+        runs["d_transformers_s"] = lambda: timed(lambda: load_transformers(hf, st.device, st.dtype), 1, uncache)
+        runs["e_safetensors_s"] = lambda: timed(lambda: load_safetensors(hf, st.device), 1, uncache)
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(reps):
-        for k, (fn, setup) in runs.items():
-            times[k].append(fn() if k == "g_raw_read_s" else timed(fn, 1, setup))
+        for k, seconds in runs.items():
+            times[k].append(seconds())
     r.update({k: statistics.median(v) for k, v in times.items()})
     prompt = [1 + (i * 7919) % 1000 for i in range(prompt_len)]
     st.load(name).wait()

@@ -24,12 +24,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     both; eagerly, oneDNN wins on AMD (30.5 vs 49.2 ms a step) and MKL on Intel (22.6 vs 33.1 ms)."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN:
         shape = x.shape
-        if x.numel() == shape[-1] and torch.compiler.is_compiling():
+        one_row = x.numel() == shape[-1]
+        if one_row and torch.compiler.is_compiling():
             # One row (batch-1 decode): a GEMV written as a reduction, which inductor compiles into the
             # step's own C++ kernels; it streams the weights faster than a oneDNN call (bench/layout.py).
             y = (w * x.reshape(1, -1)).sum(-1)
             return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
-        if x.numel() == shape[-1] and _intel():
+        if one_row and _intel():
             return F.linear(x, w, b)  # one row, eager: MKL's GEMV beats oneDNN on Intel (bench/layout.py)
         # Inductor lowers the oneDNN op only for constant weights; ours are views into a slot, so under
         # torch.compile the call goes through an opaque custom op instead.

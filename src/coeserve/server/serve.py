@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from coeserve.config import EngineConfig, StoreConfig, default_home, parse_bytes
+from coeserve.config import COMPUTE_DTYPES, EngineConfig, StoreConfig, default_home, parse_bytes
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class ServeConfig:
     dtype: str = "auto"  # compute dtype: fp32 on CPU, bf16 on CUDA; bf16 images run as views, others cast
 
     def __post_init__(self):
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"unknown dtype {self.dtype!r} (auto, fp32, bf16 or fp16)")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r} ({', '.join(COMPUTE_DTYPES)})")
         if not 0 < self.port < 65536:
             raise ValueError(f"invalid port {self.port}")
         if self.schedule not in ("coe", "fcfs"):

@@ -104,12 +104,13 @@ class DiskRead:
             self._fail(e if isinstance(e, ImageError) else ImageError(f"{self.path}: {e.strerror}"))
             return
         self._left = n
-        cb = index.chunk_bytes
-        self._blocks_left = [-(-(min(cb, index.total_bytes - i * cb)) // block) for i in range(n)]
-        for i in range(n):
-            lo, hi = i * cb, min((i + 1) * cb, index.total_bytes)
-            for b in range(lo, hi, block):
-                pool.submit(self._block, i, b, min(b + block, hi))
+        spans = [self._span(i) for i in range(n)]
+        blocks = [(i, b, min(b + block, hi)) for i, (lo, hi) in enumerate(spans) for b in range(lo, hi, block)]
+        self._blocks_left = [0] * n
+        for i, _, _ in blocks:
+            self._blocks_left[i] += 1
+        for b in blocks:
+            pool.submit(self._block, *b)
 
     @property
     def ready(self) -> bool:
@@ -135,9 +136,13 @@ class DiskRead:
             self._verify(i)
             self._finish_chunk(i)
 
-    def _verify(self, i: int) -> None:
+    def _span(self, i: int) -> tuple[int, int]:
+        """Checksum chunk i's bytes."""
         lo = i * self.index.chunk_bytes
-        hi = min(lo + self.index.chunk_bytes, self.index.total_bytes)
+        return lo, min(lo + self.index.chunk_bytes, self.index.total_bytes)
+
+    def _verify(self, i: int) -> None:
+        lo, hi = self._span(i)
         if self.error is None:
             crc = chunk_checksum(self.index, memoryview(self.out.numpy())[lo:hi])
             if crc != self.index.chunk_crcs[i]:
