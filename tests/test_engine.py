@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from coeserve.config import EngineConfig
 from coeserve.engine.engine import Engine, PromptTooLong
+from coeserve.engine.kv_cache import KVCache
 from coeserve.engine.sequence import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -56,6 +58,48 @@ def test_continuous_batching_matches_running_alone(smol):
         batch_sizes.append(len(eng.running))
     assert max(batch_sizes) == 3  # they really decoded together
     assert [s.output_ids for s in seqs] == alone
+
+
+@pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_short_prompts_prefill_together_as_they_would_alone(which, request):
+    """Prompts of different lengths admitted together prefill in one padded pass (all of them have a
+    first token after one step) and then generate what each generates alone."""
+    expert = request.getfixturevalue(which)
+    prompts = [chat_ids(expert, q) for q in ("Hi.", "Name three rivers in Europe, please.", "Why is the sky blue?")]
+    alone = [Engine(expert, EngineConfig(max_batch=1, max_seq_len=512)).generate([p], GREEDY)[0].output_ids
+             for p in prompts]
+    eng = Engine(expert, EngineConfig(max_batch=4, max_seq_len=512))
+    seqs = [eng.add(eng.make_sequence(p, GREEDY)) for p in prompts]
+    eng.step()
+    assert [len(s.output_ids) for s in seqs] == [2, 2, 2]  # one pass prefilled all three, then one decode
+    eng.run_until_done()
+    assert [s.output_ids for s in seqs] == alone
+
+
+def test_a_pack_stays_within_the_prefill_budget(smol):
+    """Three 40-token prompts with a 100-token budget: two go together (80 padded tokens), then one."""
+    prompt = chat_ids(smol, "Tell me about " + "the sea " * 12)[:40]
+    eng = Engine(smol, EngineConfig(max_batch=4, max_seq_len=512, prefill_chunk=100))
+    seqs = [eng.add(eng.make_sequence(prompt, GREEDY)) for _ in range(3)]
+    eng.step()
+    assert [s.prefilled for s in seqs] == [40, 40, 0]
+    eng.run_until_done()
+    assert seqs[0].output_ids == seqs[1].output_ids == seqs[2].output_ids
+
+
+def test_a_new_cache_reuses_a_dropped_ones_memory(smol):
+    """An engine made with a spare KV buffer takes it instead of zeroing new memory, and the stale keys
+    and values an earlier expert left in it change nothing."""
+    prompts = [chat_ids(smol, "Name a color."), chat_ids(smol, "Write a haiku about the sea.")]
+    fresh = Engine(smol, EngineConfig(max_batch=2, max_seq_len=512)).generate(prompts, GREEDY)
+    used = Engine(smol, EngineConfig(max_batch=2, max_seq_len=512))
+    used.generate([chat_ids(smol, "Tell me a long story about a dragon. " * 4)] * 2, GREEDY)
+    spares = [used.kv.buffer]
+    again = Engine(smol, EngineConfig(max_batch=2, max_seq_len=512), spares)
+    assert again.kv.buffer is used.kv.buffer and spares == []
+    assert [s.output_ids for s in again.generate(prompts, GREEDY)] == [s.output_ids for s in fresh]
+    small = Engine(smol, EngineConfig(max_batch=4, max_seq_len=1024), [torch.zeros(16, dtype=torch.uint8)])
+    assert small.kv.buffer.numel() == KVCache.nbytes(smol.cfg, 4, 1024, torch.float32)  # too small: not used
 
 
 def test_more_requests_than_slots_all_finish(engine, smol):

@@ -1,5 +1,6 @@
-"""The step loop with continuous batching. Each `step()` runs one prefill chunk for a newly admitted
-sequence (if any) and then one decode pass over every running sequence; sequences join and leave the
+"""The step loop with continuous batching. Each `step()` runs one prefill pass for newly admitted
+sequences (if any: one chunk of a long prompt, or several short prompts packed into one pass of at most
+`prefill_chunk` padded tokens) and then one decode pass over every running sequence; sequences join and leave the
 batch between steps. The engine is driven by one thread; other threads hand it work through `submit`.
 """
 from __future__ import annotations
@@ -34,10 +35,11 @@ class Expert:
 
 
 class Engine:
-    def __init__(self, expert: Expert, config: EngineConfig = EngineConfig()):
+    def __init__(self, expert: Expert, config: EngineConfig = EngineConfig(), kv_spares: list | None = None):
+        """`kv_spares`: KV memory of dropped engines; the cache takes one that is large enough."""
         self.expert, self.config = expert, config
         self.max_len = min(config.max_seq_len, expert.cfg.max_position, expert.model.max_len)
-        self.kv = KVCache(expert.cfg, config.max_batch, self.max_len, expert.dtype, expert.device)
+        self.kv = KVCache(expert.cfg, config.max_batch, self.max_len, expert.dtype, expert.device, kv_spares)
         self.runner = Runner(expert.model, self.kv, expert.device, fused=config.fused,
                              buckets=config.batch_buckets, static=config.static_shapes)
         self.waiting: deque[Sequence] = deque()
@@ -87,13 +89,7 @@ class Engine:
         self._drain_inbox()
         self._admit()
         if self.prefilling:
-            seq = self.prefilling[0]
-            logits = self.runner.prefill(seq, self.config.prefill_chunk)
-            if logits is not None:
-                self.prefilling.popleft()
-                seq.status = Status.RUNNING
-                self.running.append(seq)
-                self._append(seq, sample(logits[None], [seq])[0], done)
+            self._prefill(done)
         decoding = [s for s in self.running if s.output_ids and not s.finished and s not in done]
         if decoding:
             logits = self.runner.decode(decoding)
@@ -115,6 +111,35 @@ class Engine:
     def _drain_inbox(self) -> None:
         while not self.inbox.empty():
             self.waiting.append(self.inbox.get_nowait())
+
+    def _prefill(self, done: list[Sequence]) -> None:
+        pack = self._pack()
+        if len(pack) > 1:
+            logits = self.runner.prefill_batch(pack)
+        else:
+            pack = [self.prefilling[0]]
+            logits = self.runner.prefill(pack[0], self.config.prefill_chunk)
+            if logits is None:
+                return  # more of this prompt next step
+            logits = logits[None]
+        for seq in pack:
+            self.prefilling.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        for seq, tok in zip(pack, sample(logits, pack)):
+            self._append(seq, tok, done)
+
+    def _pack(self) -> list[Sequence]:
+        """Fresh prompts from the front of the prefill queue whose padded pass fits in prefill_chunk tokens:
+        a pass over a few short prompts costs less than one pass each (fewer, larger matmuls)."""
+        pack, longest = [], 0
+        for seq in self.prefilling:
+            n = len(seq.prompt_ids)
+            if seq.prefilled or (len(pack) + 1) * max(longest, n) > self.config.prefill_chunk:
+                break
+            pack.append(seq)
+            longest = max(longest, n)
+        return pack
 
     def _admit(self) -> None:
         while self.waiting and self.kv.free:

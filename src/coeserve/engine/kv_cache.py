@@ -1,6 +1,10 @@
 """The KV cache: per layer, one [slots, kv_heads, max_len, head_dim] tensor for keys and one for values,
 allocated once. A sequence owns a slot for its life; its token at position p lives at index p. One extra slot
-(`scratch`) takes the writes of padding rows when a fused decode runs a batch padded to a fixed size."""
+(`scratch`) takes the writes of padding rows when a fused decode runs a batch padded to a fixed size.
+
+The tensors may be carved from a byte buffer an earlier cache no longer needs (`spares=`), so a server
+that makes caches for expert after expert zeroes its memory once, not at every switch. Positions a
+sequence has not written hold zeros or an earlier sequence's finite values; attention never weighs them."""
 from __future__ import annotations
 
 import torch
@@ -13,14 +17,29 @@ class CacheFull(RuntimeError):
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype, device,
+                 spares: list[torch.Tensor] | None = None):
+        """`spares`: byte buffers of dropped caches; the smallest that is large enough is taken from it."""
         shape = (num_slots + 1, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        n = 2 * cfg.num_layers
+        need = KVCache.nbytes(cfg, num_slots, max_len, dtype)
+        fits = [b for b in spares or () if b.numel() >= need and b.device == torch.device(device)]
+        if fits:
+            buffer = min(fits, key=lambda b: b.numel())
+            spares.remove(buffer)
+        else:
+            buffer = torch.zeros(need, dtype=torch.uint8, device=device)
+        self.buffer = buffer
+        views = buffer[:need].view(dtype).view(n, *shape).unbind(0)
+        self.k, self.v = list(views[0::2]), list(views[1::2])
         self.num_slots, self.max_len, self.scratch = num_slots, max_len, num_slots
         self.free = list(range(num_slots))
         self.read_len = max_len
         self.span: tuple[int, int] | None = None  # slots lo..hi when the step's slots are contiguous
+
+    @staticmethod
+    def nbytes(cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype) -> int:
+        return 2 * cfg.num_layers * (num_slots + 1) * cfg.num_kv_heads * max_len * cfg.head_dim * dtype.itemsize
 
     def allocate(self) -> int:
         if not self.free:

@@ -1,5 +1,5 @@
-"""One forward step of a model over the KV cache: prefill a chunk of one sequence, or decode one token
-for a batch. `fused=True` compiles the decode step with torch.compile (and CUDA graphs on CUDA).
+"""One forward step of a model over the KV cache: prefill a chunk of one sequence, prefill several short
+prompts together, or decode one token for a batch. `fused=True` compiles the decode step with torch.compile (and CUDA graphs on CUDA).
 
 With `static=True` (the default for fused mode on CUDA, where CUDA graphs need it) a step has static
 shapes: the batch is padded up to a bucket size (padding rows write to the cache's scratch slot) and the
@@ -63,6 +63,22 @@ class Runner:
         logits = self.model(tokens, positions, torch.tensor([seq.slot], device=self.device), self.kv)
         seq.prefilled = hi
         return logits[0] if hi == len(seq.prompt_ids) else None
+
+    @torch.inference_mode()
+    def prefill_batch(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Whole prompts of several sequences in one forward pass, right-padded to the longest; logits
+        [B, V] at each one's last token. A padded row writes keys past its prompt end, where its own
+        later tokens overwrite them before any query may see them (attention reads positions <= its own)."""
+        T = max(len(s.prompt_ids) for s in seqs)
+        tokens = torch.tensor([s.prompt_ids + [0] * (T - len(s.prompt_ids)) for s in seqs], device=self.device)
+        positions = torch.arange(T, device=self.device).expand(len(seqs), T)
+        slots = [s.slot for s in seqs]
+        self.kv.set_step(slots, T)
+        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=self.device)
+        logits = self.model(tokens, positions, torch.tensor(slots, device=self.device), self.kv, last)
+        for s in seqs:
+            s.prefilled = len(s.prompt_ids)
+        return logits
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
