@@ -1,6 +1,6 @@
 """The scheduler on a real store of tiny random-weight experts: every request gets its own expert's
-tokens under both schedules, `coe` batches where `fcfs` switches, and the bound on waiting holds
-against a flood."""
+tokens under both schedules, `coe` batches where `fcfs` switches, the bound on waiting holds against a
+flood, and a batch that must end for a waiting expert still takes requests that end within it."""
 from __future__ import annotations
 
 import threading
@@ -135,3 +135,29 @@ def test_the_bound_on_waiting_holds_against_a_flood(disk, alone, max_wait):
     else:
         assert where == 24, where
     assert lone.seq.output_ids == alone[b][:4]
+
+
+def test_a_batch_that_must_end_still_takes_requests_that_end_within_it(disk, alone):
+    """Two long requests for one expert are running when a request for another expert is already past
+    the bound. A short request for the running expert joins the batch (it ends before the batch would)
+    and finishes before the waiting one; a long one does not join, and runs after it."""
+    a, b = disk.names()[:2]
+    log, s = Log(), scheduler(disk, "coe", max_wait=5.0)
+    running = [log.request(a, 100) for _ in range(2)]
+    s.start()
+    try:
+        for r in running:
+            s.submit(r)
+        deadline = time.monotonic() + 60
+        while not all(r.seq.output_ids for r in running) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        lone, short, long = log.request(b, 4), log.request(a, 8), log.request(a, 110)
+        lone.arrival -= 10.0  # it has waited past the bound already
+        for r in (lone, short, long):
+            s.submit(r)
+        log.wait(5)
+    finally:
+        stop(s)
+    order = log.done.index
+    assert order(short) < order(lone) < order(long), [r.seq.params.max_tokens for r in log.done]
+    assert short.seq.output_ids == alone[a][:8] and lone.seq.output_ids == alone[b][:4]

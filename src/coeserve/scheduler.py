@@ -4,7 +4,9 @@ were queued), and their expert is prefetched into a free slot while other work r
 
 Policies (names are the CLI's `--schedule` choices):
 - `coe`: a running batch finishes before a switch, and new requests for its expert join it as seats
-  free — once a request for another expert has waited past `max_wait`, only ones that overtake nobody. Between batches the next expert is the one
+  free — once a request for another expert has waited past `max_wait`, only ones that overtake nobody,
+  or ones sure to end within the batch's life (no more tokens to go than its longest member), which
+  delay no one's switch. Between batches the next expert is the one
   with the most queued work (plus its oldest request's age) per second of switch cost — zero for one
   already in a slot — unless a request has waited past `max_wait`: then its expert goes next, whatever
   the cost, so nothing starves. Each turn takes every queued request of its expert, up to max_batch.
@@ -48,6 +50,7 @@ class Scheduler:
         self.max_queue, self.max_wait, self.metrics = max_queue, max_wait, metrics
         self.queues: dict[str, deque[Request]] = {}
         self.engines: dict[str, Engine] = {}  # experts with an engine (KV cache); running ones first
+        self._kv_spare: list = []  # KV memory of dropped engines, for the next ones (zeroed once)
         self.active: dict[str, list[Request]] = {}  # expert → requests inside its engine
         self.current: str | None = None  # the expert acquired (pinned) for compute
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -164,18 +167,22 @@ class Scheduler:
             self.metrics.switch(name)
         engine = self.engines.get(name)
         if engine is None:
-            engine = self.engines[name] = Engine(expert, self.config)
-            self._trim_engines()
+            engine = self._new_engine(name, expert)
         else:
             engine.bind(expert)
         return engine
 
-    def _trim_engines(self) -> None:
-        """Keep KV caches for experts with work plus a few more; drop the idle ones beyond that."""
+    def _new_engine(self, name: str, expert) -> Engine:
+        """Keep KV caches for experts with work plus a few more (slots + 2 buffers in all, spares
+        included); an idle engine beyond that leaves its buffer to a new one, which spares zeroing it."""
         keep = len(self.store.dev.slots) + 2
         idle = [n for n in self.engines if n != self.current and not self.active.get(n)]
-        for n in idle[: max(0, len(self.engines) - keep)]:
-            del self.engines[n]
+        for n in idle[: max(0, len(self.engines) + 1 - keep)]:
+            self._kv_spare.append(self.engines.pop(n).kv.buffer)
+        engine = self.engines[name] = Engine(expert, self.config, self._kv_spare)
+        self._kv_spare.sort(key=lambda b: -b.numel())  # the largest are kept
+        del self._kv_spare[max(0, keep - len(self.engines)):]
+        return engine
 
     def _admit(self, name: str, engine: Engine) -> None:
         q, active = self.queues.get(name, deque()), self.active.setdefault(name, [])
@@ -187,6 +194,18 @@ class Scheduler:
             limit = min(heads, default=limit)
         while q and len(active) < self.config.max_batch and q[0].arrival <= limit:
             req = q.popleft()
+            engine.add(req.seq)
+            active.append(req)
+        if self.policy == "coe" and active and q and len(active) < self.config.max_batch:
+            self._fill_tail(q, active, engine)
+
+    def _fill_tail(self, q: deque, active: list[Request], engine: Engine) -> None:
+        """Seats left in a batch that must end for a waiting expert go to queued requests that are sure
+        to finish within the batch's life (at most as many tokens to go as its longest member): the
+        switch comes no later, and those tokens cost a fraction of a batch of their own."""
+        left = max(r.seq.params.max_tokens - len(r.seq.output_ids) for r in active)
+        for req in [r for r in q if r.seq.params.max_tokens <= left][: self.config.max_batch - len(active)]:
+            q.remove(req)
             engine.add(req.seq)
             active.append(req)
 
