@@ -1,4 +1,5 @@
-"""Which matmul path and weight layout streams a decode step fastest on this CPU, at batch 1 and 8:
+"""Which matmul path and weight layout streams a decode step fastest on this CPU, at batch 1 and 8
+(`--batches` for others):
 F.linear on [out, in] (the default BLAS), x @ W on a transposed [in, out] copy, oneDNN's linear on
 [out, in] (what models/common.py uses on CPU, eager and for fused batches above 1), and the whole
 step's matmuls compiled by torch.compile as reductions (what models/common.py uses in a fused batch-1
@@ -6,9 +7,11 @@ step). The shapes are SmolLM2-135M's, all 30 layers plus the head, so the weight
 fit in cache. Prints a table, then one JSON line.
 
     python bench/layout.py
+    python bench/layout.py --batches 1,2,3,4,8
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -28,7 +31,10 @@ def timed(fn, reps: int = 5) -> float:
     return best
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,8")
+    batches = [int(b) for b in ap.parse_args(argv).batches.split(",")]
     cfg = synthetic_config("tiny", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                            num_heads=9, num_kv_heads=3, head_dim=64,
                            tie_word_embeddings=True)
@@ -50,7 +56,7 @@ def main() -> int:
     paths["compiled sum(w*x)"] = lambda x: compiled([x[k] for k in fan_ins], mats)
     result = {"bench": "layout", "weights_MB": nbytes / 1e6, "threads": torch.get_num_threads()}
     print(f"{'path':20s} {'batch':>5s} {'ms/step':>8s} {'GB/s':>6s}")
-    for b in (1, 8):
+    for b in batches:
         x = {k: torch.randn(b, k) for k in {m.shape[1] for m in mats}}  # an input per fan-in
         for name, fn in paths.items():
             dt = timed(lambda: fn(x))

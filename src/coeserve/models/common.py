@@ -21,7 +21,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """x @ w.T (+ b) with w in [out, in]. On CPU through oneDNN, which ran batch-8 decode steps 1.2-1.5x
     faster than the default BLAS path (MKL) on the AMD and Intel CPUs we measured (bench/layout.py),
     except for a single row: inside a compiled step a reduction that inductor compiles is fastest on
-    both; eagerly, oneDNN wins on AMD (30.5 vs 49.2 ms a step) and MKL on Intel (22.6 vs 33.1 ms)."""
+    both; eagerly, oneDNN wins on AMD (30.5 vs 49.2 ms a step) and MKL on Intel up to three rows (23-29
+    vs 34-45 ms)."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN:
         shape = x.shape
         one_row = x.numel() == shape[-1]
@@ -30,8 +31,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
             # step's own C++ kernels; it streams the weights faster than a oneDNN call (bench/layout.py).
             y = (w * x.reshape(1, -1)).sum(-1)
             return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
-        if one_row and _intel():
-            return F.linear(x, w, b)  # one row, eager: MKL's GEMV beats oneDNN on Intel (bench/layout.py)
+        if x.numel() <= 3 * shape[-1] and _intel():
+            # Up to three rows, eager: MKL beats oneDNN on Intel by 1.5x; from four rows on they are
+            # even (`bench/layout.py --batches 1,2,3,4,8`).
+            return F.linear(x, w, b)
         # Inductor lowers the oneDNN op only for constant weights; ours are views into a slot, so under
         # torch.compile the call goes through an opaque custom op instead.
         op = torch.ops.coeserve.onednn_linear if torch.compiler.is_compiling() else _onednn
