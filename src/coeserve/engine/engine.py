@@ -1,7 +1,8 @@
 """The step loop with continuous batching. Each `step()` runs one prefill pass for newly admitted
 sequences (if any: one chunk of a long prompt, or several short prompts packed into one pass of at most
-`prefill_chunk` padded tokens) and then one decode pass over every running sequence; sequences join and leave the
-batch between steps. The engine is driven by one thread; other threads hand it work through `submit`.
+`prefill_chunk` padded tokens) and then one decode pass over every running sequence; sequences join
+and leave the batch between steps. The engine is driven by one thread; other threads hand it work
+through `submit`.
 """
 from __future__ import annotations
 

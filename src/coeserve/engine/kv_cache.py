@@ -23,7 +23,8 @@ class KVCache:
         shape = (num_slots + 1, cfg.num_kv_heads, max_len, cfg.head_dim)
         n = 2 * cfg.num_layers
         need = KVCache.nbytes(cfg, num_slots, max_len, dtype)
-        fits = [b for b in spares or () if b.numel() >= need and b.device == torch.device(device)]
+        where = torch.empty(0, device=device).device  # "cuda" and "cuda:0" alike
+        fits = [b for b in spares or () if b.numel() >= need and b.device == where]
         if fits:
             buffer = min(fits, key=lambda b: b.numel())
             spares.remove(buffer)

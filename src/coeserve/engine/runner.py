@@ -1,5 +1,6 @@
 """One forward step of a model over the KV cache: prefill a chunk of one sequence, prefill several short
-prompts together, or decode one token for a batch. `fused=True` compiles the decode step with torch.compile (and CUDA graphs on CUDA).
+prompts together, or decode one token for a batch. `fused=True` compiles the decode step with
+torch.compile (and CUDA graphs on CUDA).
 
 With `static=True` (the default for fused mode on CUDA, where CUDA graphs need it) a step has static
 shapes: the batch is padded up to a bucket size (padding rows write to the cache's scratch slot) and the
