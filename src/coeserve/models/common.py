@@ -31,7 +31,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
             # step's own C++ kernels; it streams the weights faster than a oneDNN call (bench/layout.py).
             y = (w * x.reshape(1, -1)).sum(-1)
             return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
-        if x.numel() <= 3 * shape[-1] and _intel():
+        if not torch.compiler.is_compiling() and x.numel() <= 3 * shape[-1] and _intel():
             # Up to three rows, eager: MKL beats oneDNN on Intel by 1.5x; from four rows on they are
             # even (`bench/layout.py --batches 1,2,3,4,8`).
             return F.linear(x, w, b)
