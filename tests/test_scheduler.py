@@ -161,3 +161,29 @@ def test_a_batch_that_must_end_still_takes_requests_that_end_within_it(disk, alo
     order = log.done.index
     assert order(short) < order(lone) < order(long), [r.seq.params.max_tokens for r in log.done]
     assert short.seq.output_ids == alone[a][:8] and lone.seq.output_ids == alone[b][:4]
+
+
+def test_requests_that_end_within_a_batch_join_it_at_most_max_batch_times(disk, alone):
+    """A flood of 2-token requests for the running expert while another expert's request is past the
+    bound: the batch takes at most max_batch of them before it ends, then the waiting one runs."""
+    a, b = disk.names()[:2]
+    log, s = Log(), scheduler(disk, "coe", max_wait=5.0)
+    running = [log.request(a, 120) for _ in range(2)]
+    s.start()
+    try:
+        for r in running:
+            s.submit(r)
+        deadline = time.monotonic() + 60
+        while not all(r.seq.output_ids for r in running) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        lone, flood = log.request(b, 4), [log.request(a, 2) for _ in range(20)]
+        lone.arrival -= 10.0
+        s.submit(lone)
+        for r in flood:
+            s.submit(r)
+        log.wait(23)
+    finally:
+        stop(s)
+    before = sum(1 for r in log.done[: log.done.index(lone)] if r in flood)
+    assert 1 <= before <= CONFIG.max_batch, before
+    assert all(r.seq.output_ids == alone[a][:2] for r in flood)

@@ -5,8 +5,8 @@ were queued), and their expert is prefetched into a free slot while other work r
 Policies (names are the CLI's `--schedule` choices):
 - `coe`: a running batch finishes before a switch, and new requests for its expert join it as seats
   free — once a request for another expert has waited past `max_wait`, only ones that overtake nobody,
-  or ones sure to end within the batch's life (no more tokens to go than its longest member), which
-  delay no one's switch. Between batches the next expert is the one
+  or (at most max_batch of them a batch) ones sure to end within the batch's life (no more tokens to
+  go than its longest member), which delay the switch by no more than their prefills. Between batches the next expert is the one
   with the most queued work (plus its oldest request's age) per second of switch cost — zero for one
   already in a slot — unless a request has waited past `max_wait`: then its expert goes next, whatever
   the cost, so nothing starves. Each turn takes every queued request of its expert, up to max_batch.
@@ -51,6 +51,7 @@ class Scheduler:
         self.queues: dict[str, deque[Request]] = {}
         self.engines: dict[str, Engine] = {}  # experts with an engine (KV cache); running ones first
         self._kv_spare: list = []  # KV memory of dropped engines, for the next ones (zeroed once)
+        self._tail_joins: dict[str, int] = {}  # expert → requests its running batch took past the bound
         self.active: dict[str, list[Request]] = {}  # expert → requests inside its engine
         self.current: str | None = None  # the expert acquired (pinned) for compute
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -186,6 +187,8 @@ class Scheduler:
 
     def _admit(self, name: str, engine: Engine) -> None:
         q, active = self.queues.get(name, deque()), self.active.setdefault(name, [])
+        if not active:
+            self._tail_joins[name] = 0  # a new batch
         limit = float("inf")  # requests that arrived after `limit` may not join now
         heads = [o[0].arrival for n, o in self.queues.items() if n != name and o]
         if self.policy == "fcfs" or (active and self._starving(name)):
@@ -197,14 +200,18 @@ class Scheduler:
             engine.add(req.seq)
             active.append(req)
         if self.policy == "coe" and active and q and len(active) < self.config.max_batch:
-            self._fill_tail(q, active, engine)
+            self._fill_tail(name, q, active, engine)
 
-    def _fill_tail(self, q: deque, active: list[Request], engine: Engine) -> None:
+    def _fill_tail(self, name: str, q: deque, active: list[Request], engine: Engine) -> None:
         """Seats left in a batch that must end for a waiting expert go to queued requests that are sure
         to finish within the batch's life (at most as many tokens to go as its longest member): the
         switch comes no later, and those tokens cost a fraction of a batch of their own."""
         left = max(r.seq.params.max_tokens - len(r.seq.output_ids) for r in active)
-        for req in [r for r in q if r.seq.params.max_tokens <= left][: self.config.max_batch - len(active)]:
+        # Each joiner's prefill still delays the switch a little, so a batch takes at most max_batch
+        # this way: the wait past the bound stays within the batch's life plus that many prefills.
+        room = min(self.config.max_batch - len(active), self.config.max_batch - self._tail_joins[name])
+        for req in [r for r in q if r.seq.params.max_tokens <= left][: max(0, room)]:
+            self._tail_joins[name] += 1
             q.remove(req)
             engine.add(req.seq)
             active.append(req)
