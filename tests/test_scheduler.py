@@ -112,23 +112,38 @@ def test_coe_batches_where_fcfs_switches(disk, alone):
     assert switches["fcfs"] >= 12 and switches["coe"] <= 5, switches
 
 
-@pytest.mark.parametrize("max_wait", [0.05, 600.0])
-def test_the_bound_on_waiting_holds_against_a_flood(disk, alone, max_wait):
-    """4 requests for one expert, one for another, then a flood of 20 more for the first. Past max_wait
-    no later request joins the first expert's batch ahead of the lone one, so it finishes long before
-    the flood does; with a bound the flood cannot reach, the flood overtakes it (so the test can fail)."""
-    a, b = disk.names()[:2]
+def behind_a_running_batch(disk, tokens: int, later, max_wait: float = 5.0, batch: int = 2):
+    """`batch` requests of `tokens` tokens for the first expert are decoding when the requests
+    `later(log)` makes are queued; the first of them (for another expert) arrived 10 s ago."""
+    a = disk.names()[0]
     log, s = Log(), scheduler(disk, "coe", max_wait=max_wait)
-    first = [log.request(a, 16) for _ in range(4)]
-    lone = log.request(b, 4)
-    flood = [log.request(a, 16) for _ in range(20)]
-    for r in first + [lone] + flood:
-        s.submit(r)
+    running = [log.request(a, tokens) for _ in range(batch)]
     s.start()
     try:
-        log.wait(25)
+        for r in running:
+            s.submit(r)
+        deadline = time.monotonic() + 60
+        while not all(r.seq.output_ids for r in running) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        queued = later(log)
+        queued[0].arrival -= 10.0
+        for r in queued:
+            s.submit(r)
+        log.wait(2 + len(queued))
     finally:
         stop(s)
+    return log, queued
+
+
+@pytest.mark.parametrize("max_wait", [0.05, 600.0])
+def test_the_bound_on_waiting_holds_against_a_flood(disk, alone, max_wait):
+    """4 requests for one expert are running when one for another expert, 10 s old, and then a flood of
+    20 more for the first arrive. Past max_wait no later request joins the first expert's batch ahead
+    of the lone one, so it finishes long before the flood does; with a bound the flood cannot reach,
+    the flood overtakes it (so the test can fail)."""
+    a, b = disk.names()[:2]
+    log, (lone, *flood) = behind_a_running_batch(
+        disk, 16, lambda log: [log.request(b, 4)] + [log.request(a, 16) for _ in range(20)], max_wait, batch=4)
     where = log.done.index(lone)
     if max_wait < 1:
         assert where < 12, where
@@ -142,22 +157,8 @@ def test_a_batch_that_must_end_still_takes_requests_that_end_within_it(disk, alo
     the bound. A short request for the running expert joins the batch (it ends before the batch would)
     and finishes before the waiting one; a long one does not join, and runs after it."""
     a, b = disk.names()[:2]
-    log, s = Log(), scheduler(disk, "coe", max_wait=5.0)
-    running = [log.request(a, 100) for _ in range(2)]
-    s.start()
-    try:
-        for r in running:
-            s.submit(r)
-        deadline = time.monotonic() + 60
-        while not all(r.seq.output_ids for r in running) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        lone, short, long = log.request(b, 4), log.request(a, 8), log.request(a, 110)
-        lone.arrival -= 10.0  # it has waited past the bound already
-        for r in (lone, short, long):
-            s.submit(r)
-        log.wait(5)
-    finally:
-        stop(s)
+    log, (lone, short, long) = behind_a_running_batch(
+        disk, 100, lambda log: [log.request(b, 4), log.request(a, 8), log.request(a, 110)])
     order = log.done.index
     assert order(short) < order(lone) < order(long), [r.seq.params.max_tokens for r in log.done]
     assert short.seq.output_ids == alone[a][:8] and lone.seq.output_ids == alone[b][:4]
@@ -167,23 +168,8 @@ def test_requests_that_end_within_a_batch_join_it_at_most_max_batch_times(disk, 
     """A flood of 2-token requests for the running expert while another expert's request is past the
     bound: the batch takes at most max_batch of them before it ends, then the waiting one runs."""
     a, b = disk.names()[:2]
-    log, s = Log(), scheduler(disk, "coe", max_wait=5.0)
-    running = [log.request(a, 120) for _ in range(2)]
-    s.start()
-    try:
-        for r in running:
-            s.submit(r)
-        deadline = time.monotonic() + 60
-        while not all(r.seq.output_ids for r in running) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        lone, flood = log.request(b, 4), [log.request(a, 2) for _ in range(20)]
-        lone.arrival -= 10.0
-        s.submit(lone)
-        for r in flood:
-            s.submit(r)
-        log.wait(23)
-    finally:
-        stop(s)
+    log, (lone, *flood) = behind_a_running_batch(
+        disk, 120, lambda log: [log.request(b, 4)] + [log.request(a, 2) for _ in range(20)])
     before = sum(1 for r in log.done[: log.done.index(lone)] if r in flood)
     assert 1 <= before <= CONFIG.max_batch, before
     assert all(r.seq.output_ids == alone[a][:2] for r in flood)
