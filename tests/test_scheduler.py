@@ -173,3 +173,44 @@ def test_requests_that_end_within_a_batch_join_it_at_most_max_batch_times(disk, 
     before = sum(1 for r in log.done[: log.done.index(lone)] if r in flood)
     assert 1 <= before <= CONFIG.max_batch, before
     assert all(r.seq.output_ids == alone[a][:2] for r in flood)
+
+
+def test_kv_buffers_are_made_for_the_largest_cache_needed_so_far(tmp_path):
+    """A small expert after a large one gets a buffer the large one could use too: when its engine is
+    dropped, the next large expert takes that buffer instead of zeroing new memory."""
+    from coeserve.formats import synthetic
+
+    disk = tiny_store(tmp_path, 2)  # x000, x001: 2 layers
+    synthetic.install(disk, "big", synthetic.synthetic_config("tiny", num_layers=6), seed=7)
+    log, s = Log(), scheduler(disk, "coe")
+    s.start()
+    try:
+        for n, name in enumerate(["x000", "big", "x001"]):
+            s.submit(log.request(name, 3))
+            log.wait(n + 1)
+    finally:
+        stop(s)
+    size = {n: e.kv.buffer.numel() for n, e in s.engines.items()}
+    assert size["big"] > size["x000"] and size["x001"] == size["big"], size
+
+
+def test_a_request_starts_its_experts_load_from_the_loop(disk):
+    """Submitting queues the request and returns; the scheduler loop starts the expert's load (into a
+    free slot) when it takes the request, so the caller (the server's event loop) does no store work."""
+    log, s = Log(), scheduler(disk, "coe", slots=2)
+    a, b = disk.names()[:2]
+    running = log.request(a, 400)
+    s.submit(running)
+    assert s.store.resident() == [] and s.store.resident("host") == []  # nothing yet: the loop is not running
+    s.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not running.seq.output_ids and time.monotonic() < deadline:
+            time.sleep(0.001)
+        s.submit(log.request(b, 2))
+        while b not in s.store.resident() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert b in s.store.resident() and not running.seq.finished  # loaded while a still decodes
+        log.wait(2)
+    finally:
+        stop(s)

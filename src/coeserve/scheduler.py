@@ -51,6 +51,7 @@ class Scheduler:
         self.queues: dict[str, deque[Request]] = {}
         self.engines: dict[str, Engine] = {}  # experts with an engine (KV cache); running ones first
         self._kv_spare: list = []  # KV memory of dropped engines, for the next ones (zeroed once)
+        self._kv_bytes = 0  # the largest KV cache an engine has needed: every new buffer is this large
         self._tail_joins: dict[str, int] = {}  # expert → requests its running batch took past the bound
         self.active: dict[str, list[Request]] = {}  # expert → requests inside its engine
         self.current: str | None = None  # the expert acquired (pinned) for compute
@@ -71,8 +72,7 @@ class Scheduler:
             if self._pending >= self.max_queue:
                 raise QueueFull(f"the server queue is full ({self.max_queue} requests); retry later")
             self._pending += 1
-        self._inbox.put(("add", req))
-        self.store.prefetch(req.expert)  # the routing decision starts the load before the queue moves
+        self._inbox.put(("add", req))  # the loop starts its expert's load (a prefetch) when it takes it
         self._wake.set()
 
     def cancel(self, req: Request) -> None:
@@ -114,6 +114,10 @@ class Scheduler:
         while not self._inbox.empty():
             op, req = self._inbox.get_nowait()
             if op == "add":
+                # The routing decision starts the load before the queue moves. The loop does it, not the
+                # request's thread: building a model and reading an index there would hold the GIL
+                # against the event loop and slow every stream.
+                self.store.prefetch(req.expert)
                 self.queues.setdefault(req.expert, deque()).append(req)
             elif req in self.queues.get(req.expert, ()):
                 self.queues[req.expert].remove(req)
@@ -175,12 +179,14 @@ class Scheduler:
 
     def _new_engine(self, name: str, expert) -> Engine:
         """Keep KV caches for experts with work plus a few more (slots + 2 buffers in all, spares
-        included); an idle engine beyond that leaves its buffer to a new one, which spares zeroing it."""
+        included); an idle engine beyond that leaves its buffer to a new one, which spares zeroing it.
+        Buffers are made as large as the largest cache needed so far, so a spare fits any expert."""
         keep = len(self.store.dev.slots) + 2
         idle = [n for n in self.engines if n != self.current and not self.active.get(n)]
         for n in idle[: max(0, len(self.engines) + 1 - keep)]:
             self._kv_spare.append(self.engines.pop(n).kv.buffer)
-        engine = self.engines[name] = Engine(expert, self.config, self._kv_spare)
+        self._kv_bytes = max(self._kv_bytes, Engine.kv_bytes(expert, self.config))
+        engine = self.engines[name] = Engine(expert, self.config, self._kv_spare, self._kv_bytes)
         self._kv_spare.sort(key=lambda b: -b.numel())  # the largest are kept
         del self._kv_spare[max(0, keep - len(self.engines)):]
         return engine

@@ -36,17 +36,29 @@ class Expert:
 
 
 class Engine:
-    def __init__(self, expert: Expert, config: EngineConfig = EngineConfig(), kv_spares: list | None = None):
-        """`kv_spares`: KV memory of dropped engines; the cache takes one that is large enough."""
+    def __init__(self, expert: Expert, config: EngineConfig = EngineConfig(), kv_spares: list | None = None,
+                 kv_min_bytes: int = 0):
+        """`kv_spares`: KV memory of dropped engines; the cache takes one that is large enough, or makes a
+        buffer of at least `kv_min_bytes`."""
         self.expert, self.config = expert, config
-        self.max_len = min(config.max_seq_len, expert.cfg.max_position, expert.model.max_len)
-        self.kv = KVCache(expert.cfg, config.max_batch, self.max_len, expert.dtype, expert.device, kv_spares)
+        self.max_len = self._max_len(expert, config)
+        self.kv = KVCache(expert.cfg, config.max_batch, self.max_len, expert.dtype, expert.device, kv_spares,
+                          kv_min_bytes)
         self.runner = Runner(expert.model, self.kv, expert.device, fused=config.fused,
                              buckets=config.batch_buckets, static=config.static_shapes)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    @staticmethod
+    def _max_len(expert: Expert, config: EngineConfig) -> int:
+        return min(config.max_seq_len, expert.cfg.max_position, expert.model.max_len)
+
+    @staticmethod
+    def kv_bytes(expert: Expert, config: EngineConfig) -> int:
+        """The KV cache an engine for `expert` needs, in bytes."""
+        return KVCache.nbytes(expert.cfg, config.max_batch, Engine._max_len(expert, config), expert.dtype)
 
     def bind(self, expert: Expert) -> None:
         """Run on `expert` from now on: the same expert, re-acquired (its model object may be another

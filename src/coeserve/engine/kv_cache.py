@@ -18,8 +18,9 @@ class CacheFull(RuntimeError):
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype, device,
-                 spares: list[torch.Tensor] | None = None):
-        """`spares`: byte buffers of dropped caches; the smallest that is large enough is taken from it."""
+                 spares: list[torch.Tensor] | None = None, min_bytes: int = 0):
+        """`spares`: byte buffers of dropped caches; the smallest that is large enough is taken from it.
+        Without one, a new buffer of at least `min_bytes` (so that it may serve a larger cache later)."""
         shape = (num_slots + 1, cfg.num_kv_heads, max_len, cfg.head_dim)
         n = 2 * cfg.num_layers
         need = KVCache.nbytes(cfg, num_slots, max_len, dtype)
@@ -29,7 +30,7 @@ class KVCache:
             buffer = min(fits, key=lambda b: b.numel())
             spares.remove(buffer)
         else:
-            buffer = torch.zeros(need, dtype=torch.uint8, device=device)
+            buffer = torch.zeros(max(need, min_bytes), dtype=torch.uint8, device=device)
         self.buffer = buffer
         views = buffer[:need].view(dtype).view(n, *shape).unbind(0)
         self.k, self.v = list(views[0::2]), list(views[1::2])
