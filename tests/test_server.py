@@ -289,19 +289,27 @@ def test_llm_judge_through_an_openai_compatible_endpoint(live):
     assert len(ratings) == 1 and (ratings[0] is None or 1 <= ratings[0] <= 10)
 
 
-def test_concurrent_first_requests_load_a_tokenizer_once(store, monkeypatch):
+@pytest.fixture
+def built(monkeypatch) -> list:
+    """The tokenizer directories Codecs are built from from now on (with an empty shared cache)."""
+    from coeserve.engine import load
+
+    out, real = [], load.Codec
+
+    def counted(tok_dir, eos_ids=()):
+        out.append(tok_dir)
+        return real(tok_dir, eos_ids)
+    monkeypatch.setattr(load, "Codec", counted)
+    monkeypatch.setattr(load, "_CODECS", {})
+    return out
+
+
+def test_concurrent_first_requests_load_a_tokenizer_once(store, built):
     """Requests that arrive together for an expert whose tokenizer is not loaded yet share one load, and
     the engine loop gets that same tokenizer object rather than building its own."""
     from coeserve.engine import load
     from coeserve.server.app import ServerState
 
-    built, real = [], load.Codec
-
-    def counted(tok_dir, eos_ids=()):
-        built.append(tok_dir)
-        return real(tok_dir, eos_ids)
-    monkeypatch.setattr(load, "Codec", counted)
-    monkeypatch.setattr(load, "_CODECS", {})
     state = ServerState(disk=store, experts=[GEMMA, SMOL])
     start = threading.Barrier(6)
     got = []
@@ -331,3 +339,42 @@ def test_serve_settings_dtype_and_max_wait(tmp_path):
     assert ServeConfig().dtype == "auto" and ServeConfig().max_wait == 5.0
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         ServeConfig(dtype="int4")
+
+
+def test_tokenizers_are_loaded_before_the_server_is_ready(store, built):
+    """Start-up builds every expert's tokenizer once (shared by content), so no request pays for one."""
+    from coeserve.server.app import ServerState
+    from coeserve.server.serve import warm_codecs
+
+    state = ServerState(disk=store, experts=[GEMMA, SMOL])
+    warm_codecs(state)
+    assert len(built) == 2 and set(state.codecs) == {GEMMA, SMOL}
+    assert state.codec(SMOL) is state.codecs[SMOL] and len(built) == 2  # a request builds nothing
+
+
+def test_events_from_the_engine_thread_arrive_in_order_on_each_stream():
+    """The engine thread posts a step's tokens for many streams; each stream's queue gets its own
+    items, in order, however the posts and the event loop's wake-ups interleave."""
+    import asyncio
+
+    from coeserve.server.app import ServerState
+
+    state = ServerState()
+
+    async def main():
+        post, queues = state.post_box(), [asyncio.Queue() for _ in range(5)]
+        assert state.post_box() is post  # one per event loop
+
+        def engine():
+            for step in range(200):
+                for i, q in enumerate(queues):
+                    post(q, (i, step))
+                if step % 50 == 0:
+                    time.sleep(0.01)
+        t = threading.Thread(target=engine)
+        t.start()
+        got = [[await q.get() for _ in range(200)] for q in queues]
+        t.join()
+        return got
+    got = asyncio.run(main())
+    assert got == [[(i, step) for step in range(200)] for i in range(5)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     codecs: dict = field(default_factory=dict)
+    _post: tuple | None = None  # (event loop, its post function): see post_box
 
     def codec(self, name: str):
         if name not in self.codecs:
@@ -57,6 +59,29 @@ class ServerState:
                 raise ApiError(400, f"expert {name!r} has no tokenizer; it cannot take text")
             self.codecs[name] = codec
         return self.codecs[name]
+
+    def post_box(self):
+        """A thread-safe `post(queue, item)` into the running event loop that wakes the loop once for
+        all the items posted before it runs: a decode step's tokens for every stream in the batch
+        arrive in one wake-up, not one each (each wake-up takes the GIL from the engine loop)."""
+        if self._post is None or self._post[0] is not asyncio.get_running_loop():
+            loop, pending, lock = asyncio.get_running_loop(), [], threading.Lock()
+
+            def flush():
+                with lock:
+                    items = pending[:]
+                    pending.clear()
+                for q, item in items:
+                    q.put_nowait(item)
+
+            def post(q, item):
+                with lock:
+                    pending.append((q, item))
+                    first = len(pending) == 1
+                if first:
+                    loop.call_soon_threadsafe(flush)
+            self._post = (loop, post)
+        return self._post[1]
 
     def context(self, name: str) -> int:
         return min(self.max_seq_len, self.disk.config(name).max_position)
@@ -197,10 +222,10 @@ async def _run(state, request, body, expert, route, ids, stop, chat: bool):
                                 ignore_eos=body.ignore_eos)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    events, post = asyncio.Queue(), state.post_box()
 
     def on_event(kind, payload):
-        loop.call_soon_threadsafe(events.put_nowait, (kind, payload, time.monotonic()))
+        post(events, (kind, payload, time.monotonic()))
     seq = Sequence(list(ids), params, on_text=lambda text: on_event("text", text))
     job = Job(expert, seq, on_event, buffered=not body.stream)
     try:

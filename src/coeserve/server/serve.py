@@ -106,9 +106,21 @@ def build(cfg: ServeConfig, state) -> None:
     store, sched = build_node(cfg, disk, state.metrics)
     state.router, state.fallback = build_router(cfg, experts)
     state.disk, state.store, state.scheduler, state.experts = disk, store, sched, experts
+    warm_codecs(state)
     state.metrics.store, state.metrics.scheduler = store, sched
     sched.start()
     state.ready = True
+
+
+def warm_codecs(state) -> None:
+    """Every expert's tokenizer before the server is ready: building one (seconds for a large vocabulary)
+    on a request would hold the GIL against the engine loop while that request and others wait."""
+    from coeserve.engine.load import load_codec
+
+    for name in state.experts:
+        codec = load_codec(state.disk, name, state.disk.config(name))
+        if codec is not None:
+            state.codecs[name] = codec
 
 
 def run(cfg: ServeConfig) -> int:
