@@ -214,3 +214,26 @@ def test_a_request_starts_its_experts_load_from_the_loop(disk):
         log.wait(2)
     finally:
         stop(s)
+
+
+def test_kv_memory_reserved_before_serving_serves_every_expert(tmp_path):
+    """`reserve_kv` zeroes slots + 2 buffers up front, each large enough for any expert served; engines
+    for small and large experts, made and dropped at switch after switch, only ever use those."""
+    from coeserve.formats import synthetic
+
+    disk = tiny_store(tmp_path, 4)
+    synthetic.install(disk, "big", synthetic.synthetic_config("tiny", num_layers=6), seed=7)
+    log, s = Log(), scheduler(disk, "coe")
+    s.reserve_kv(disk.names())
+    reserved = {b.data_ptr() for b in s._kv_spare}
+    assert len(reserved) == 3  # one device slot + 2
+    order = ["x000", "x001", "x002", "big", "x003", "x000", "big", "x001"]
+    s.start()
+    try:
+        for n, name in enumerate(order):
+            s.submit(log.request(name, 3))
+            log.wait(n + 1)
+            assert {e.kv.buffer.data_ptr() for e in s.engines.values()} <= reserved, name
+    finally:
+        stop(s)
+    assert s.switches == len(order)

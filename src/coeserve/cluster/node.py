@@ -22,7 +22,7 @@ class CoENode:
             import torch
             torch.set_num_threads(int(os.environ["COE_NODE_THREADS"]))  # replicas sharing one CPU
         self.disk, self.experts = open_experts(cfg)
-        self.store, self.scheduler = build_node(cfg, self.disk)
+        self.store, self.scheduler = build_node(cfg, self.disk, experts=self.experts)
         self.scheduler.start()
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.to_full_id_str() if ctx else f"local-{os.getpid()}"

@@ -78,8 +78,8 @@ def open_experts(cfg: ServeConfig):
     return disk, experts
 
 
-def build_node(cfg: ServeConfig, disk, metrics=None):
-    """The three tiers and the engine loop of one device."""
+def build_node(cfg: ServeConfig, disk, metrics=None, experts: list[str] = ()):
+    """The three tiers and the engine loop of one device (with KV memory for `experts` made ready)."""
     from coeserve.scheduler import Scheduler
     from coeserve.store.store import ExpertStore
 
@@ -88,7 +88,9 @@ def build_node(cfg: ServeConfig, disk, metrics=None):
     store = ExpertStore(disk, store_cfg, device=cfg.device, dtype=cfg.dtype, max_len=cfg.max_seq_len)
     engine_cfg = EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, device=cfg.device,
                               dtype=cfg.dtype)
-    return store, Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=metrics)
+    sched = Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=metrics)
+    sched.reserve_kv(list(experts))
+    return store, sched
 
 
 def build_router(cfg: ServeConfig, experts: list[str]):
@@ -103,7 +105,7 @@ def build_router(cfg: ServeConfig, experts: list[str]):
 def build(cfg: ServeConfig, state) -> None:
     """Everything slow, on a thread while the port already answers 503."""
     disk, experts = open_experts(cfg)
-    store, sched = build_node(cfg, disk, state.metrics)
+    store, sched = build_node(cfg, disk, state.metrics, experts)
     state.router, state.fallback = build_router(cfg, experts)
     state.disk, state.store, state.scheduler, state.experts = disk, store, sched, experts
     warm_codecs(state)
