@@ -69,18 +69,12 @@ class Scheduler:
 
     def reserve_kv(self, experts: list[str]) -> None:
         """Before serving: zero the KV memory the loop keeps (slots + 2 buffers, or one per expert if
-        fewer), each buffer large enough for any of `experts`, so no switch waits on fresh memory
-        (zeroing 400 MiB took about half a second on a 2-core CPU)."""
+        fewer), each buffer large enough for any of `experts`, so no switch waits on fresh memory."""
         import torch
 
-        from coeserve.engine.kv_cache import KVCache
-
-        need = 0
-        for name in experts:
-            cfg = self.store.disk.config(name)
-            max_len = min(self.config.max_seq_len, cfg.max_position, self.store.max_len or cfg.max_position)
-            need = max(need, KVCache.nbytes(cfg, self.config.max_batch, max_len, self.store.dtype))
-        self._kv_bytes = max(self._kv_bytes, need)
+        for cfg in map(self.store.disk.config, experts):  # the store builds models for store.max_len
+            need = Engine.kv_bytes(cfg, self.store.dtype, self.store.max_len or cfg.max_position, self.config)
+            self._kv_bytes = max(self._kv_bytes, need)
         for _ in range(min(len(self.store.dev.slots) + 2, len(experts)) - len(self._kv_spare)):
             self._kv_spare.append(torch.zeros(self._kv_bytes, dtype=torch.uint8, device=self.store.device))
 
@@ -202,7 +196,8 @@ class Scheduler:
         idle = [n for n in self.engines if n != self.current and not self.active.get(n)]
         for n in idle[: max(0, len(self.engines) + 1 - keep)]:
             self._kv_spare.append(self.engines.pop(n).kv.buffer)
-        self._kv_bytes = max(self._kv_bytes, Engine.kv_bytes(expert, self.config))
+        need = Engine.kv_bytes(expert.cfg, expert.dtype, expert.model.max_len, self.config)
+        self._kv_bytes = max(self._kv_bytes, need)
         engine = self.engines[name] = Engine(expert, self.config, self._kv_spare, self._kv_bytes)
         self._kv_spare.sort(key=lambda b: -b.numel())  # the largest are kept
         del self._kv_spare[max(0, keep - len(self.engines)):]

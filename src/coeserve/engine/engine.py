@@ -41,7 +41,7 @@ class Engine:
         """`kv_spares`: KV memory of dropped engines; the cache takes one that is large enough, or makes a
         buffer of at least `kv_min_bytes`."""
         self.expert, self.config = expert, config
-        self.max_len = self._max_len(expert, config)
+        self.max_len = self._max_len(expert.cfg, expert.model.max_len, config)
         self.kv = KVCache(expert.cfg, config.max_batch, self.max_len, expert.dtype, expert.device, kv_spares,
                           kv_min_bytes)
         self.runner = Runner(expert.model, self.kv, expert.device, fused=config.fused,
@@ -52,13 +52,13 @@ class Engine:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     @staticmethod
-    def _max_len(expert: Expert, config: EngineConfig) -> int:
-        return min(config.max_seq_len, expert.cfg.max_position, expert.model.max_len)
+    def _max_len(cfg: ModelConfig, model_len: int, config: EngineConfig) -> int:
+        return min(config.max_seq_len, cfg.max_position, model_len)
 
     @staticmethod
-    def kv_bytes(expert: Expert, config: EngineConfig) -> int:
-        """The KV cache an engine for `expert` needs, in bytes."""
-        return KVCache.nbytes(expert.cfg, config.max_batch, Engine._max_len(expert, config), expert.dtype)
+    def kv_bytes(cfg: ModelConfig, dtype: torch.dtype, model_len: int, config: EngineConfig) -> int:
+        """The KV cache an engine needs, in bytes, for a model of `cfg` built for `model_len` positions."""
+        return KVCache.nbytes(cfg, config.max_batch, Engine._max_len(cfg, model_len, config), dtype)
 
     def bind(self, expert: Expert) -> None:
         """Run on `expert` from now on: the same expert, re-acquired (its model object may be another
