@@ -25,13 +25,19 @@ def drop_cache(path: Path) -> None:
 
 
 def device_name(dev: torch.device) -> str:
+    """The GPU's name, or the CPU's with its core count and its widest matrix/vector units: CPUs that
+    report the same model name (a virtual "Intel Xeon Processor") differ in them, and so do the numbers."""
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        lines = open("/proc/cpuinfo").read().splitlines()
+        model = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
+        flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
     except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({os.cpu_count()} cpus)"
+        model, flags = platform.processor() or platform.machine(), set()
+    units = [u for f, u in (("amx_tile", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                            ("avx2", "AVX2")) if f in flags][:1]
+    return f"{model} ({', '.join([f'{os.cpu_count()} cpus'] + units)})"
 
 
 def write_result(result: dict, out: str | Path | None) -> None:

@@ -61,12 +61,19 @@ class KVCache:
         contiguous = views and slots == list(range(lo, lo + len(slots)))
         self.span = (lo, lo + len(slots)) if contiguous else None
 
-    def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, T, H, D] at their positions; return keys, values [B, H, L, D] and L."""
+    def rows(self, slots: torch.Tensor, positions: torch.Tensor, heads: int) -> torch.Tensor:
+        """Where keys of tokens at `positions` [B, T] in `slots` [B] go, as rows of a layer's cache seen as
+        [slots * heads * max_len, head_dim], in k's [B, T, H] order: one index for every layer's write."""
+        h = torch.arange(heads, device=positions.device)
+        return ((slots[:, None, None] * heads + h) * self.max_len + positions[:, :, None]).reshape(-1)
+
+    def update(self, layer: int, slots: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, T, H, D] at `rows` (see rows()); return keys, values [B, H, L, D] of the step's
+        slots and L."""
         kc, vc = self.k[layer], self.v[layer]
-        idx = slots.unsqueeze(1).expand_as(positions)
-        kc[idx, :, positions] = k
-        vc[idx, :, positions] = v
+        D = kc.shape[-1]
+        kc.view(-1, D).index_copy_(0, rows, k.reshape(-1, D))
+        vc.view(-1, D).index_copy_(0, rows, v.reshape(-1, D))
         L = self.read_len
         if self.span is not None:
             lo, hi = self.span

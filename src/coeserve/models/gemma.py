@@ -32,15 +32,15 @@ class Gemma(Decoder):
         # HF multiplies by the normaliser rounded to the activation dtype.
         return x * torch.tensor(self.normalizer, dtype=x.dtype)
 
-    def block(self, i, x, positions, slots, kv):
+    def block(self, i, x, step):
         c, w, eps = self.cfg, self.w, self.cfg.rms_norm_eps
         h = rms_norm(x, w[f"layers.{i}.attn_norm.weight"], eps)
         q, k, v = self.qkv(i, h)
         if c.arch == "gemma3":
             q, k = rms_norm(q, w[f"layers.{i}.q_norm.weight"], eps), rms_norm(k, w[f"layers.{i}.k_norm.weight"], eps)
         sliding = c.is_sliding(i)
-        rope = self.rope_local if sliding else self.rope_global
-        a = self.attend(i, q, k, v, positions, slots, kv, rope, c.sliding_window if sliding else None,
+        rope = "rope_local" if sliding else "rope_global"
+        a = self.attend(i, q, k, v, step, rope, c.sliding_window if sliding else None,
                         self.scale, c.attn_logit_softcapping)
         a = linear(a, w[f"layers.{i}.o.weight"])
         x = x + rms_norm(a, w[f"layers.{i}.post_attn_norm.weight"], eps)

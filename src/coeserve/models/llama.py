@@ -18,12 +18,12 @@ class Llama(Decoder):
     def to_device(self, device) -> None:
         self.rope = self.rope.to(device)
 
-    def block(self, i, x, positions, slots, kv):
+    def block(self, i, x, step):
         c, w = self.cfg, self.w
         h = rms_norm(x, w[f"layers.{i}.attn_norm.weight"], c.rms_norm_eps)
         q, k, v = self.qkv(i, h)
         window = c.sliding_window if c.is_sliding(i) else None
-        a = self.attend(i, q, k, v, positions, slots, kv, self.rope, window, self.scale, None)
+        a = self.attend(i, q, k, v, step, "rope", window, self.scale, None)
         x = x + linear(a, w[f"layers.{i}.o.weight"])
         h = rms_norm(x, w[f"layers.{i}.mlp_norm.weight"], c.rms_norm_eps)
         gate, up = linear(h, w[f"layers.{i}.gate_up.weight"]).chunk(2, dim=-1)
