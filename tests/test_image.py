@@ -71,5 +71,8 @@ def test_bf16_import_halves_the_image_and_stays_close(store, tmp_path):
             got = prefill_logits(ex, ids, 256).float()
     finally:
         st.close()
-    assert (got - want).abs().max() < 0.5 and want[got.argmax()] > want.max() - 0.25
+    # bf16 activations through 30 layers: the largest logit error was under 0.5 on the AMD and the AMX
+    # machines and 0.63 (mean 0.27) on a Xeon with AVX-512 BF16 but no AMX, at a top logit of 25; a
+    # wrong weight or layer is off by units.
+    assert (got - want).abs().max() < 0.04 * want.abs().max() and want[got.argmax()] > want.max() - 0.25
     assert set(got.topk(5).indices.tolist()) & set(want.topk(3).indices.tolist()) == set(want.topk(3).indices.tolist())
