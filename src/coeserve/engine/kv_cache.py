@@ -61,9 +61,10 @@ class KVCache:
         contiguous = views and slots == list(range(lo, lo + len(slots)))
         self.span = (lo, lo + len(slots)) if contiguous else None
 
-    def rows(self, slots: torch.Tensor, positions: torch.Tensor, heads: int) -> torch.Tensor:
+    def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Where keys of tokens at `positions` [B, T] in `slots` [B] go, as rows of a layer's cache seen as
         [slots * heads * max_len, head_dim], in k's [B, T, H] order: one index for every layer's write."""
+        heads = self.k[0].shape[1]
         h = torch.arange(heads, device=positions.device)
         return ((slots[:, None, None] * heads + h) * self.max_len + positions[:, :, None]).reshape(-1)
 

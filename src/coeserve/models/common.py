@@ -138,21 +138,19 @@ class Step:
         self.positions, self.slots, self.kv = positions, slots, kv
         self._memo: dict = {}
 
-    def rope(self, name: str, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if name not in self._memo:
-            self._memo[name] = rope_factors(table[self.positions])
-        return self._memo[name]
-
-    def mask(self, length: int, window: int | None) -> torch.Tensor:
-        key = ("mask", window)
+    def _once(self, key, make: Callable[[], object]):
         if key not in self._memo:
-            self._memo[key] = attention_mask(self.positions, length, window)
+            self._memo[key] = make()
         return self._memo[key]
 
-    def kv_rows(self, heads: int) -> torch.Tensor:
-        if "rows" not in self._memo:
-            self._memo["rows"] = self.kv.rows(self.slots, self.positions, heads)
-        return self._memo["rows"]
+    def rope(self, name: str, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._once(name, lambda: rope_factors(table[self.positions]))
+
+    def mask(self, length: int, window: int | None) -> torch.Tensor:
+        return self._once(("mask", window), lambda: attention_mask(self.positions, length, window))
+
+    def kv_rows(self) -> torch.Tensor:
+        return self._once("rows", lambda: self.kv.rows(self.slots, self.positions))
 
 
 class Decoder(nn.Module):
@@ -233,7 +231,7 @@ class Decoder(nn.Module):
         """`rope` names the table (an attribute) the layer's positions rotate by."""
         factors = step.rope(rope, getattr(self, rope))
         q, k = apply_rope(q, factors), apply_rope(k, factors)
-        keys, values, length = step.kv.update(i, step.slots, step.kv_rows(k.shape[2]), k, v)
+        keys, values, length = step.kv.update(i, step.slots, step.kv_rows(), k, v)
         mask = step.mask(length, window)
         q = q.transpose(1, 2)  # [B, H, T, D]
         if softcap is None:
