@@ -62,7 +62,7 @@ def test_continuous_batching_matches_running_alone(smol):
 
 @pytest.mark.parametrize("which", ["smol", "gemma"])
 def test_short_prompts_prefill_together_as_they_would_alone(which, request):
-    """Prompts of different lengths admitted together prefill in one padded pass (all of them have a
+    """Prompts of different lengths admitted together prefill in one packed pass (all of them have a
     first token after one step) and then generate what each generates alone."""
     expert = request.getfixturevalue(which)
     prompts = [chat_ids(expert, q) for q in ("Hi.", "Name three rivers in Europe, please.", "Why is the sky blue?")]
@@ -71,20 +71,49 @@ def test_short_prompts_prefill_together_as_they_would_alone(which, request):
     eng = Engine(expert, EngineConfig(max_batch=4, max_seq_len=512))
     seqs = [eng.add(eng.make_sequence(p, GREEDY)) for p in prompts]
     eng.step()
-    assert [len(s.output_ids) for s in seqs] == [2, 2, 2]  # one pass prefilled all three, then one decode
+    assert [len(s.output_ids) for s in seqs] == [1, 1, 1]  # one pass prefilled all three
     eng.run_until_done()
     assert [s.output_ids for s in seqs] == alone
 
 
 def test_a_pack_stays_within_the_prefill_budget(smol):
-    """Three 40-token prompts with a 100-token budget: two go together (80 padded tokens), then one."""
+    """Three 40-token prompts with a 100-token budget: two whole prompts and 20 tokens of the third go in
+    the first pass; the next pass decodes the first two and prefills the rest of the third."""
     prompt = chat_ids(smol, "Tell me about " + "the sea " * 12)[:40]
     eng = Engine(smol, EngineConfig(max_batch=4, max_seq_len=512, prefill_chunk=100))
     seqs = [eng.add(eng.make_sequence(prompt, GREEDY)) for _ in range(3)]
     eng.step()
-    assert [s.prefilled for s in seqs] == [40, 40, 0]
+    assert [s.prefilled for s in seqs] == [40, 40, 20]
+    assert [len(s.output_ids) for s in seqs] == [1, 1, 0]
+    eng.step()
+    assert [s.prefilled for s in seqs] == [40, 40, 40]
+    assert [len(s.output_ids) for s in seqs] == [2, 2, 1]
     eng.run_until_done()
     assert seqs[0].output_ids == seqs[1].output_ids == seqs[2].output_ids
+
+
+@pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_prompts_joining_a_decoding_batch_change_nothing(which, request):
+    """Sequences that arrive while others decode prefill in the same passes as those decode steps (in
+    chunks of a 24-token budget, a long prompt over several passes, next to short ones): every sequence
+    generates what it generates alone, and no pass is decode-only until the prompts are in."""
+    expert = request.getfixturevalue(which)
+    prompts = [chat_ids(expert, q) for q in ("Why is the sky blue?", "Hi.",
+                                            "Tell me about the rivers and mountains of Europe, please.", "Name a fruit.")]
+    alone = [Engine(expert, EngineConfig(max_batch=1, max_seq_len=512)).generate([p], GREEDY)[0].output_ids
+             for p in prompts]
+    eng = Engine(expert, EngineConfig(max_batch=4, max_seq_len=512, prefill_chunk=24))
+    seqs = [eng.add(eng.make_sequence(prompts[0], GREEDY))]
+    for _ in range(3):
+        eng.step()
+    seqs += [eng.add(eng.make_sequence(p, GREEDY)) for p in prompts[1:]]
+    before = len(seqs[0].output_ids)
+    while any(s.prefilled < len(s.prompt_ids) for s in seqs):
+        eng.step()
+    steps = len(seqs[0].output_ids) - before
+    assert steps == -(-sum(len(p) for p in prompts[1:]) // 24)  # each pass took 24 prompt tokens, and decoded
+    eng.run_until_done()
+    assert [s.output_ids for s in seqs] == alone
 
 
 def test_a_new_cache_reuses_a_dropped_ones_memory(smol):

@@ -1,8 +1,8 @@
-"""The step loop with continuous batching. Each `step()` runs one prefill pass for newly admitted
-sequences (if any: one chunk of a long prompt, or several short prompts packed into one pass of at most
-`prefill_chunk` padded tokens) and then one decode pass over every running sequence; sequences join
-and leave the batch between steps. The engine is driven by one thread; other threads hand it work
-through `submit`.
+"""The step loop with continuous batching. Each `step()` is one forward pass: a token for every running
+sequence and, when prompts are waiting, up to `prefill_chunk` of their tokens (whole short prompts, and
+the next chunk of a longer one), packed in one row so the weights are read once for all of it and no
+matmul row is padding. Sequences join and leave the batch between steps. The engine is driven by one
+thread; other threads hand it work through `submit`.
 """
 from __future__ import annotations
 
@@ -101,13 +101,27 @@ class Engine:
         done: list[Sequence] = []
         self._drain_inbox()
         self._admit()
-        if self.prefilling:
-            self._prefill(done)
-        decoding = [s for s in self.running if s.output_ids and not s.finished and s not in done]
-        if decoding:
+        self.running = [s for s in self.running if not s.finished]  # aborted since the last step
+        decoding = list(self.running)
+        chunks = self._chunks()
+        if chunks:
+            logits = self.runner.packed(decoding, chunks)
+        elif decoding:
             logits = self.runner.decode(decoding)
-            for seq, tok in zip(decoding, sample(logits, decoding)):
-                self._append(seq, tok, done)
+        else:
+            return done
+        rows = list(decoding)
+        for seq, lo, hi in chunks:
+            seq.prefilled = hi
+            if hi == len(seq.prompt_ids):
+                self.prefilling.remove(seq)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                rows.append(seq)
+            else:
+                logits = logits[:len(rows)]  # only the last chunk may stop short of its prompt's end
+        for seq, tok in zip(rows, sample(logits, rows)):
+            self._append(seq, tok, done)
         self.running = [s for s in self.running if not s.finished]
         return done
 
@@ -125,34 +139,18 @@ class Engine:
         while not self.inbox.empty():
             self.waiting.append(self.inbox.get_nowait())
 
-    def _prefill(self, done: list[Sequence]) -> None:
-        pack = self._pack()
-        if len(pack) > 1:
-            logits = self.runner.prefill_batch(pack)
-        else:
-            pack = [self.prefilling[0]]
-            logits = self.runner.prefill(pack[0], self.config.prefill_chunk)
-            if logits is None:
-                return  # more of this prompt next step
-            logits = logits[None]
-        for seq in pack:
-            self.prefilling.remove(seq)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-        for seq, tok in zip(pack, sample(logits, pack)):
-            self._append(seq, tok, done)
-
-    def _pack(self) -> list[Sequence]:
-        """Fresh prompts from the front of the prefill queue whose padded pass fits in prefill_chunk tokens:
-        a pass over a few short prompts costs less than one pass each (fewer, larger matmuls)."""
-        pack, longest = [], 0
+    def _chunks(self) -> list[tuple[Sequence, int, int]]:
+        """Prompt tokens lo..hi of sequences from the front of the prefill queue, at most `prefill_chunk`
+        in all: whole prompts while they fit, then a first chunk of the next (only the last may be partial)."""
+        chunks, budget = [], self.config.prefill_chunk
         for seq in self.prefilling:
-            n = len(seq.prompt_ids)
-            if seq.prefilled or (len(pack) + 1) * max(longest, n) > self.config.prefill_chunk:
+            if budget == 0:
                 break
-            pack.append(seq)
-            longest = max(longest, n)
-        return pack
+            lo = seq.prefilled
+            hi = min(len(seq.prompt_ids), lo + budget)
+            chunks.append((seq, lo, hi))
+            budget -= hi - lo
+        return chunks
 
     def _admit(self) -> None:
         while self.waiting and self.kv.free:

@@ -57,26 +57,38 @@ class KVCache:
         """Before a forward: how many positions attention reads, and whether slots form a range
         (then keys are a view, not a gather). Compiled steps pass views=False: one graph for all."""
         self.read_len = read_len
+        self.span = self.span_of(slots) if views else None
+
+    @staticmethod
+    def span_of(slots: list[int]) -> tuple[int, int] | None:
+        """(lo, hi) when `slots` are lo, lo+1, ..., hi-1: their keys are then a view of the cache."""
         lo = slots[0]
-        contiguous = views and slots == list(range(lo, lo + len(slots)))
-        self.span = (lo, lo + len(slots)) if contiguous else None
+        return (lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
 
     def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Where keys of tokens at `positions` [B, T] in `slots` [B] go, as rows of a layer's cache seen as
-        [slots * heads * max_len, head_dim], in k's [B, T, H] order: one index for every layer's write."""
+        """Where keys of tokens at `positions` [B, T] go, as rows of a layer's cache seen as
+        [slots * heads * max_len, head_dim], in k's [B, T, H] order: one index for every layer's write.
+        `slots` is [B] (every token of row b in slot b) or [B, T] (a slot per token: a packed step)."""
         heads = self.k[0].shape[1]
         h = torch.arange(heads, device=positions.device)
-        return ((slots[:, None, None] * heads + h) * self.max_len + positions[:, :, None]).reshape(-1)
+        s = slots if slots.dim() == positions.dim() else slots[:, None]
+        return ((s[..., None] * heads + h) * self.max_len + positions[..., None]).reshape(-1)
 
-    def update(self, layer: int, slots: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, T, H, D] at `rows` (see rows()); return keys, values [B, H, L, D] of the step's
-        slots and L."""
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [B, T, H, D] at `rows` (see rows())."""
         kc, vc = self.k[layer], self.v[layer]
         D = kc.shape[-1]
         kc.view(-1, D).index_copy_(0, rows, k.reshape(-1, D))
         vc.view(-1, D).index_copy_(0, rows, v.reshape(-1, D))
-        L = self.read_len
-        if self.span is not None:
-            lo, hi = self.span
-            return kc[lo:hi, :, :L], vc[lo:hi, :, :L], L
-        return kc[slots, :, :L], vc[slots, :, :L], L
+
+    def read(self, layer: int, slots: torch.Tensor, length: int | None = None,
+             span: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, L, D] of `slots`: a view when they are the range `span`, else a gather.
+        Without `length` and `span`, the step's (set_step)."""
+        kc, vc = self.k[layer], self.v[layer]
+        if length is None:
+            length, span = self.read_len, self.span
+        if span is not None:
+            lo, hi = span
+            return kc[lo:hi, :, :length], vc[lo:hi, :, :length]
+        return kc[slots, :, :length], vc[slots, :, :length]

@@ -1,6 +1,6 @@
-"""One forward step of a model over the KV cache: prefill a chunk of one sequence, prefill several short
-prompts together, or decode one token for a batch. `fused=True` compiles the decode step with
-torch.compile (and CUDA graphs on CUDA).
+"""One forward step of a model over the KV cache: decode one token for a batch, a packed pass that
+decodes a batch and prefills prompt chunks together, or one chunk of one prompt. `fused=True` compiles
+the decode step with torch.compile (and CUDA graphs on CUDA).
 
 With `static=True` (the default for fused mode on CUDA, where CUDA graphs need it) a step has static
 shapes: the batch is padded up to a bucket size (padding rows write to the cache's scratch slot) and the
@@ -12,6 +12,7 @@ import torch
 
 from coeserve.engine.kv_cache import KVCache
 from coeserve.engine.sequence import Sequence
+from coeserve.models.common import Group, Layout
 
 
 LEN_BUCKET = 256
@@ -66,20 +67,48 @@ class Runner:
         return logits[0] if hi == len(seq.prompt_ids) else None
 
     @torch.inference_mode()
-    def prefill_batch(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Whole prompts of several sequences in one forward pass, right-padded to the longest; logits
-        [B, V] at each one's last token. A padded row writes keys past its prompt end, where its own
-        later tokens overwrite them before any query may see them (attention reads positions <= its own)."""
-        T = max(len(s.prompt_ids) for s in seqs)
-        tokens = torch.tensor([s.prompt_ids + [0] * (T - len(s.prompt_ids)) for s in seqs], device=self.device)
-        positions = torch.arange(T, device=self.device).expand(len(seqs), T)
-        slots = [s.slot for s in seqs]
-        self.kv.set_step(slots, T)
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=self.device)
-        logits = self.model(tokens, positions, torch.tensor(slots, device=self.device), self.kv, last)
-        for s in seqs:
-            s.prefilled = len(s.prompt_ids)
-        return logits
+    def packed(self, decoding: list[Sequence], chunks: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+        """One forward pass over a decode token of each of `decoding` and prompt tokens lo..hi of each of
+        `chunks`, packed in a row: the weights are read once for all of them and no matmul row is padding.
+        Logits [B, V] in that order (a chunk's at its last token). Attention runs per group: the
+        single-token rows in one batch, the longer chunks padded to the longest."""
+        rows = [(s, s.length - 1, s.length, [s.last_token]) for s in decoding]
+        rows += [(s, lo, hi, s.prompt_ids[lo:hi]) for s, lo, hi in chunks]
+        tokens, positions, slots, last, starts, n = [], [], [], [], [], 0
+        for s, lo, hi, ids in rows:
+            starts.append(n)
+            tokens += ids
+            positions += range(lo, hi)
+            slots += [s.slot] * (hi - lo)
+            n += hi - lo
+            last.append(n - 1)
+        dev = self.device
+        groups, order = [], []  # order: the packed token behind each row of the groups' blocks, in turn
+        for members in ([r for r in range(len(rows)) if rows[r][2] - rows[r][1] == 1],
+                        [r for r in range(len(rows)) if rows[r][2] - rows[r][1] > 1]):
+            if not members:
+                continue
+            T = max(rows[r][2] - rows[r][1] for r in members)
+            src, pos = [], []
+            for r in members:
+                s, lo, hi, _ = rows[r]
+                src += [starts[r] + min(t, hi - lo - 1) for t in range(T)]
+                pos.append([lo + min(t, hi - lo - 1) for t in range(T)])
+            run = src == list(range(src[0], src[0] + len(src)))
+            gslots = [rows[r][0].slot for r in members]
+            groups.append(Group(torch.tensor(gslots, device=dev), torch.tensor(pos, device=dev),
+                                max(rows[r][2] for r in members), KVCache.span_of(gslots),
+                                slice(src[0], src[0] + len(src)) if run else torch.tensor(src, device=dev)))
+            order += src
+        back = None
+        if order != list(range(n)):  # padding, or groups out of the packed order: map each token back
+            where = {}
+            for row, tok in enumerate(order):
+                where.setdefault(tok, row)
+            back = torch.tensor([where[t] for t in range(n)], device=dev)
+        layout = Layout(groups, back, torch.tensor(last, device=dev))
+        return self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev),
+                          torch.tensor([slots], device=dev), self.kv, layout=layout)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:

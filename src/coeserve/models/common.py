@@ -2,12 +2,15 @@
 and the `Decoder` base that builds on the meta device and binds weights as views into an expert image.
 
 One forward call takes tokens [B, T] with their positions [B, T] and cache slots [B]: prefill is B=1 and
-decode is T=1, so a whole decode batch runs in one pass.
+decode is T=1, so a whole decode batch runs in one pass. A packed call (`Layout`) takes the tokens of
+several sequences in a row, [1, N], each with its own slot: decode rows and prompt chunks of different
+lengths share one pass over the weights with no padding in the matmuls; only attention pads, per group.
 """
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -128,14 +131,37 @@ def attention_mask(positions: torch.Tensor, length: int, window: int | None) -> 
     return ok.unsqueeze(1)
 
 
+@dataclass
+class Group:
+    """Sequences of a packed step that attend together, as a padded [B, T] block: their cache `slots` [B],
+    their queries' `positions` [B, T] (a row shorter than T repeats its last position), the key `length`
+    they read (and `span` when the slots are a range), and `src`, the packed tokens that make the block's
+    B*T rows: a slice when they are a run with no padding, else an index."""
+    slots: torch.Tensor
+    positions: torch.Tensor
+    length: int
+    span: tuple[int, int] | None
+    src: slice | torch.Tensor
+
+
+@dataclass
+class Layout:
+    """How the N tokens of a packed step form sequences: the attention `groups`; `back`, where each packed
+    token's row is in the groups' blocks laid end to end (None when that already is the packed order);
+    and `last`, the token each sequence's logits come from."""
+    groups: list[Group]
+    back: torch.Tensor | None
+    last: torch.Tensor
+
+
 class Step:
     """What every layer of one forward call shares, made by the first layer that needs it and reused by
-    the rest: the tokens' rotary factors per rope table, the attention mask per window and the rows the
-    new keys and values go to in the cache. Per layer they cost a dozen small kernels, which in an eager
-    decode step are a good part of the time outside the matmuls."""
+    the rest: the tokens' rotary factors per rope table, the attention mask per window (and group) and
+    the rows the new keys and values go to in the cache. Per layer they cost a dozen small kernels, which
+    in an eager decode step are a good part of the time outside the matmuls."""
 
-    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, kv):
-        self.positions, self.slots, self.kv = positions, slots, kv
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, kv, layout: Layout | None = None):
+        self.positions, self.slots, self.kv, self.layout = positions, slots, kv, layout
         self._memo: dict = {}
 
     def _once(self, key, make: Callable[[], object]):
@@ -148,6 +174,10 @@ class Step:
 
     def mask(self, length: int, window: int | None) -> torch.Tensor:
         return self._once(("mask", window), lambda: attention_mask(self.positions, length, window))
+
+    def group_mask(self, g: int, window: int | None) -> torch.Tensor:
+        group = self.layout.groups[g]
+        return self._once(("mask", window, g), lambda: attention_mask(group.positions, group.length, window))
 
     def kv_rows(self) -> torch.Tensor:
         return self._once("rows", lambda: self.kv.rows(self.slots, self.positions))
@@ -185,8 +215,10 @@ class Decoder(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv,
-                last: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, V] at index `last[b]` of each row (default: the final token).
+                last: torch.Tensor | None = None, layout: Layout | None = None) -> torch.Tensor:
+        """Logits [B, V] at index `last[b]` of each row (default: the final token). With a `layout`,
+        tokens and positions are [1, N] packed, `slots` [1, N] a slot per token, and the logits are
+        those of the layout's sequences.
 
         While the weights are still arriving in a slot, `layer_ready(i)` blocks until part i is there:
         i = -1 the embedding, 0 … num_layers-1 the layers, num_layers the final norm and head."""
@@ -194,14 +226,16 @@ class Decoder(nn.Module):
         if ready is not None:
             ready(-1)
         x = self.embed_tokens(tokens)
-        step = Step(positions, slots, kv)
+        step = Step(positions, slots, kv, layout)
         for i in range(self.cfg.num_layers):
             if ready is not None:
                 ready(i)
             x = self.block(i, x, step)
         if ready is not None:
             ready(self.cfg.num_layers)
-        if last is None:
+        if layout is not None:
+            x = x[0].index_select(0, layout.last)
+        elif last is None:
             x = x[:, -1]
         else:
             x = x[torch.arange(x.shape[0], device=x.device), last]
@@ -231,8 +265,25 @@ class Decoder(nn.Module):
         """`rope` names the table (an attribute) the layer's positions rotate by."""
         factors = step.rope(rope, getattr(self, rope))
         q, k = apply_rope(q, factors), apply_rope(k, factors)
-        keys, values, length = step.kv.update(i, step.slots, step.kv_rows(), k, v)
-        mask = step.mask(length, window)
+        step.kv.write(i, step.kv_rows(), k, v)
+        if step.layout is None:
+            keys, values = step.kv.read(i, step.slots)
+            return self._attention(q, keys, values, step.mask(step.kv.read_len, window), scale, softcap)
+        N, H, D = q.shape[1], q.shape[2], q.shape[3]
+        flat, outs = q.view(N, H, D), []
+        for g, group in enumerate(step.layout.groups):
+            B, T = group.positions.shape
+            qg = flat[group.src] if isinstance(group.src, slice) else flat.index_select(0, group.src)
+            keys, values = step.kv.read(i, group.slots, group.length, group.span)
+            out = self._attention(qg.view(B, T, H, D), keys, values, step.group_mask(g, window), scale, softcap)
+            outs.append(out.reshape(B * T, H * D))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if step.layout.back is not None:
+            out = out.index_select(0, step.layout.back)
+        return out.view(1, N, H * D)
+
+    def _attention(self, q, keys, values, mask, scale: float, softcap: float | None) -> torch.Tensor:
+        """q [B, T, H, D] over keys, values [B, Hkv, L, D] under mask [B, 1, T, L]; [B, T, H * D]."""
         q = q.transpose(1, 2)  # [B, H, T, D]
         if softcap is None:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
