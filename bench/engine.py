@@ -17,28 +17,13 @@ from pathlib import Path
 
 import torch
 
-from coeserve.benchmarks.common import device_name, sync, write_result
+from coeserve.benchmarks.common import copy_bandwidth, device_name, sync, write_result
 from coeserve.config import EngineConfig, default_home
 from coeserve.engine.engine import Engine, Expert
 from coeserve.engine.load import bind_image, load_expert, pick_device, pick_dtype
 from coeserve.engine.sequence import SamplingParams
 from coeserve.formats.synthetic import random_image, synthetic_config
 from coeserve.models import build_model
-
-
-def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes moved per second by a large device-to-device copy: each byte is read once and written once,
-    and both count (STREAM's convention), so a pure read stream is bounded by the same number."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(5):
-        sync(dev)
-        t = time.perf_counter()
-        b.copy_(a)
-        sync(dev)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
 
 
 def synthetic_expert(shape: str, dev: torch.device, dtype: str) -> Expert:

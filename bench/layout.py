@@ -1,13 +1,15 @@
 """Which matmul path and weight layout streams a decode step fastest on this CPU, at batch 1 and 8
 (`--batches` for others):
-F.linear on [out, in] (the default BLAS), x @ W on a transposed [in, out] copy, oneDNN's linear on
-[out, in] (what models/common.py uses on CPU, eager and for fused batches above 1), and the whole
-step's matmuls compiled by torch.compile as reductions (what models/common.py uses in a fused batch-1
-step). The shapes are SmolLM2-135M's, all 30 layers plus the head, so the weights (~540 MB) do not
-fit in cache. Prints a table, then one JSON line.
+F.linear on [out, in] (the default BLAS), x @ W on a transposed [in, out] copy, W @ x.T (the BLAS
+with the batch as the narrow side), oneDNN's linear on [out, in] (what models/common.py uses on CPU
+for many rows, and in fused batches above 1), our `kernels.small_linear` (what it uses eagerly for 4-16
+rows), and the whole step's matmuls compiled by torch.compile as reductions (what it uses in a fused
+batch-1 step). The shapes are SmolLM2-135M's, all 30 layers plus the head, so the weights (~540 MB) do
+not fit in cache. "floor" is the time to read them once at the copy bandwidth measured in the same run.
+Prints a table, then one JSON line.
 
     python bench/layout.py
-    python bench/layout.py --batches 1,2,3,4,8
+    python bench/layout.py --batches 1,2,3,4,8,16
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from coeserve import kernels
+from coeserve.benchmarks.common import copy_bandwidth, device_name
 from coeserve.formats.synthetic import param_shapes, synthetic_config
 
 
@@ -45,8 +49,12 @@ def main(argv=None) -> int:
     paths = {
         "F.linear [out,in]": lambda x: [F.linear(x[m.shape[1]], m) for m in mats],
         "x @ W [in,out]": lambda x: [x[m.shape[0]] @ m for m in mats_t],
+        "W @ x.T [out,in]": lambda x: [m @ x[m.shape[1]].t() for m in mats],
         "oneDNN [out,in]": lambda x: [onednn(x[m.shape[1]], m, None, "none", [], "") for m in mats],
     }
+    small = kernels.build()
+    if small is not None:
+        paths["ours small_linear"] = lambda x: [small(x[m.shape[1]], m) for m in mats]
     fan_ins = sorted({m.shape[1] for m in mats})
 
     def reductions(xs, ws):  # one compiled graph: every matmul as sum(w * x), rows of w in the inner loop
@@ -54,14 +62,17 @@ def main(argv=None) -> int:
 
     compiled = torch.compile(reductions, dynamic=False)
     paths["compiled sum(w*x)"] = lambda x: compiled([x[k] for k in fan_ins], mats)
-    result = {"bench": "layout", "weights_MB": nbytes / 1e6, "threads": torch.get_num_threads()}
-    print(f"{'path':20s} {'batch':>5s} {'ms/step':>8s} {'GB/s':>6s}")
+    floor = nbytes / copy_bandwidth(torch.device("cpu"))
+    result = {"bench": "layout", "device": device_name(torch.device("cpu")), "weights_MB": nbytes / 1e6,
+              "threads": torch.get_num_threads(), "floor_ms": floor * 1e3}
+    print(f"{'path':20s} {'batch':>5s} {'ms/step':>8s} {'GB/s':>6s} {'floor/t':>7s}")
     for b in batches:
         x = {k: torch.randn(b, k) for k in {m.shape[1] for m in mats}}  # an input per fan-in
         for name, fn in paths.items():
             dt = timed(lambda: fn(x))
-            print(f"{name:20s} {b:5d} {dt * 1e3:8.1f} {nbytes / dt / 1e9:6.1f}")
+            print(f"{name:20s} {b:5d} {dt * 1e3:8.1f} {nbytes / dt / 1e9:6.1f} {floor / dt:7.2f}")
             result[f"{name.split()[0]}_b{b}_ms"] = dt * 1e3
+    print(f"floor (weights read once at the copy bandwidth): {floor * 1e3:.1f} ms")
     print(json.dumps(result))
     return 0
 

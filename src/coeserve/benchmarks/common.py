@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,21 @@ def drop_cache(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes moved per second by a large device-to-device copy: each byte is read once and written once,
+    and both count (STREAM's convention), so a pure read stream is bounded by the same number."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        sync(dev)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
 
 
 def device_name(dev: torch.device) -> str:

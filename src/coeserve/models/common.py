@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coeserve import kernels
 from coeserve.config import ModelConfig
 
 
@@ -34,10 +35,17 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
             # step's own C++ kernels; it streams the weights faster than a oneDNN call (bench/layout.py).
             y = (w * x.reshape(1, -1)).sum(-1)
             return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
-        if not torch.compiler.is_compiling() and x.numel() <= 3 * shape[-1] and _intel():
-            # Up to three rows, eager: MKL beats oneDNN on Intel by 1.5x; from four rows on they are
-            # even (`bench/layout.py --batches 1,2,3,4,8`).
-            return F.linear(x, w, b)
+        if not torch.compiler.is_compiling():
+            rows = x.numel() // shape[-1]
+            if rows <= 3 and _intel():
+                # Up to three rows, eager: MKL beats oneDNN on Intel by 1.5x; from four rows on they are
+                # even (`bench/layout.py --batches 1,2,3,4,8`).
+                return F.linear(x, w, b)
+            small = kernels.small_linear()
+            if 4 <= rows <= SMALL_ROWS and small is not None and w.is_contiguous():
+                # A decode batch: our kernel reads each weight once for all rows (kernels/).
+                y = small(x.reshape(rows, shape[-1]).contiguous(), w)
+                return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
         # Inductor lowers the oneDNN op only for constant weights; ours are views into a slot, so under
         # torch.compile the call goes through an opaque custom op instead.
         op = torch.ops.coeserve.onednn_linear if torch.compiler.is_compiling() else _onednn
@@ -46,6 +54,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+SMALL_ROWS = 16  # up to this many rows, eager fp32 matmuls take kernels.small_linear when it is built
 
 
 @functools.cache
