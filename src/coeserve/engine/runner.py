@@ -117,6 +117,11 @@ class Runner:
         positions = [s.length - 1 for s in seqs]
         slots = [s.slot for s in seqs]
         read_len = max(s.length for s in seqs)
+        step = self.model if self.model.layer_ready is not None else self._decode
+        if step is self.model and KVCache.span_of(slots) is None:
+            lo, hi = min(slots), max(slots) + 1
+            if hi - lo <= 2 * len(slots):
+                return self._decode_over_range(seqs, lo, hi)
         if self.static:
             pad = next(b for b in self.buckets if b >= len(seqs)) - len(seqs)
             tokens, positions, slots = tokens + [0] * pad, positions + [0] * pad, slots + [self.kv.scratch] * pad
@@ -124,8 +129,23 @@ class Runner:
         self.kv.set_step(slots, read_len, views=not self.static)
         # While a switch is still streaming layers in, the eager model waits on each one; the compiled
         # step (and its CUDA graphs) runs once the whole expert is in its slot.
-        step = self.model if self.model.layer_ready is not None else self._decode
         logits = step(torch.tensor(tokens, device=self.device)[:, None],
                               torch.tensor(positions, device=self.device)[:, None],
                               torch.tensor(slots, device=self.device), self.kv)
         return logits[: len(seqs)]
+
+    def _decode_over_range(self, seqs: list[Sequence], lo: int, hi: int) -> torch.Tensor:
+        """An eager decode step whose slots have gaps (sequences that finished left them): attention runs
+        over the whole range of slots lo..hi, a view of the cache, with each query placed in its own
+        slot's row (the gaps' rows attend to key 0 and are dropped), instead of gathering every layer's
+        keys and values of the batch's slots into new tensors at each step."""
+        dev, n = self.device, len(seqs)
+        member = {s.slot: b for b, s in enumerate(seqs)}
+        src = [member.get(slot, 0) for slot in range(lo, hi)]
+        pos = [[seqs[member[slot]].length - 1 if slot in member else 0] for slot in range(lo, hi)]
+        group = Group(torch.arange(lo, hi, device=dev), torch.tensor(pos, device=dev),
+                      max(s.length for s in seqs), (lo, hi), torch.tensor(src, device=dev))
+        layout = Layout([group], torch.tensor([s.slot - lo for s in seqs], device=dev), torch.arange(n, device=dev))
+        return self.model(torch.tensor([[s.last_token for s in seqs]], device=dev),
+                          torch.tensor([[s.length - 1 for s in seqs]], device=dev),
+                          torch.tensor([[s.slot for s in seqs]], device=dev), self.kv, layout=layout)
