@@ -6,8 +6,8 @@ allows; this one reads each weight once per call (`small_linear.cpp`, `bench/lay
 
 Built by torch.utils.cpp_extension with the system's C++ compiler on first use (about 40 s, once: the
 build is kept under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and `make install` makes
-it). Where it cannot be built (no compiler), `small_linear()` says why once and returns None; callers
-then use torch's matmuls, which give the same values.
+it). Where it cannot be built (no compiler), `build()` logs why once and `small_linear()` returns None;
+callers then use torch's matmuls, which give the same values up to rounding.
 """
 from __future__ import annotations
 
