@@ -250,20 +250,27 @@ def test_fused_mode_matches_unfused():
 @pytest.mark.parametrize("which", ["smol", "gemma"])
 def test_a_batch_with_gaps_in_its_slots_decodes_as_each_alone(which, request):
     """When a sequence in the middle of the slots finishes, the others decode over the slot range with
-    a gap in it (attention over the range's view, not a gather): every sequence still generates what
-    it generates alone."""
+    a gap in it (attention over the range's view, not a gather), and a prompt that joins then is
+    prefilled in the same pass as that gapped batch: every sequence still generates what it generates
+    alone."""
     expert = request.getfixturevalue(which)
-    prompts = [chat_ids(expert, q) for q in ("Why is the sky blue?", "Hi.", "Name a river.", "Count to five.")]
-    budgets = [20, 3, 6, 20]  # slots 1 and then 2 finish early: gaps at 1, then 1-2
+    questions = ("Why is the sky blue?", "Hi.", "Name a river.", "Count to five.", "What is rain?")
+    prompts = [chat_ids(expert, q) for q in questions]
+    budgets = [20, 3, 6, 20, 4]  # slots 1 and then 2 finish early: gaps at 1, then 1-2
     alone = [Engine(expert, EngineConfig(max_batch=1, max_seq_len=512)).generate(
         [p], SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))[0].output_ids for p, m in zip(prompts, budgets)]
     eng = Engine(expert, EngineConfig(max_batch=4, max_seq_len=512))
-    seqs = [eng.add(eng.make_sequence(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)))
-            for p, m in zip(prompts, budgets)]
-    gaps = 0
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in budgets]
+    seqs = [eng.add(eng.make_sequence(p, q)) for p, q in zip(prompts[:4], params)]
+    gaps = joined_gapped = 0
     while eng.has_work:
+        slots = sorted(s.slot for s in eng.running)
+        gapped = bool(slots) and slots != list(range(slots[0], slots[0] + len(slots)))
+        if gapped and len(seqs) == 4 and len(slots) == 2:  # slots 0 and 3 decode: a prompt joins them
+            seqs.append(eng.add(eng.make_sequence(prompts[4], params[4])))
+            joined_gapped += 1
         eng.step()
         slots = sorted(s.slot for s in eng.running)
         gaps += bool(slots) and slots != list(range(slots[0], slots[0] + len(slots)))
-    assert gaps >= 10
+    assert joined_gapped == 1 and gaps >= 10
     assert [s.output_ids for s in seqs] == alone

@@ -104,7 +104,6 @@ class Engine:
         done: list[Sequence] = []
         self._drain_inbox()
         self._admit()
-        self.running = [s for s in self.running if not s.finished]  # aborted since the last step
         decoding = list(self.running)
         chunks = self._chunks()
         if chunks:
@@ -125,7 +124,6 @@ class Engine:
                 logits = logits[:len(rows)]  # only the last chunk may stop short of its prompt's end
         for seq, tok in zip(rows, sample(logits, rows)):
             self._append(seq, tok, done)
-        self.running = [s for s in self.running if not s.finished]
         return done
 
     def run_until_done(self) -> None:
@@ -203,5 +201,7 @@ class Engine:
             seq.slot = -1
         if seq in self.prefilling:
             self.prefilling.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
         if done is not None:
             done.append(seq)

@@ -83,28 +83,33 @@ class Runner:
             n += hi - lo
             last.append(n - 1)
         dev = self.device
-        groups, order = [], []  # order: the packed token behind each row of the groups' blocks, in turn
-        for members in ([r for r in range(len(rows)) if rows[r][2] - rows[r][1] == 1],
-                        [r for r in range(len(rows)) if rows[r][2] - rows[r][1] > 1]):
-            if not members:
-                continue
-            T = max(rows[r][2] - rows[r][1] for r in members)
+        groups, order, real = [], [], []  # order: the packed token behind each row of the groups' blocks
+        single = [r for r in range(len(rows)) if rows[r][2] - rows[r][1] == 1]
+        longer = [r for r in range(len(rows)) if rows[r][2] - rows[r][1] > 1]
+        if single:
+            group, src = self._single_token_group([(rows[r][0].slot, rows[r][1], starts[r]) for r in single],
+                                                  max(rows[r][2] for r in single))
+            groups.append(group)
+            order += [0 if t is None else t for t in src]
+            real += [t is not None for t in src]
+        if longer:
+            T = max(rows[r][2] - rows[r][1] for r in longer)
             src, pos = [], []
-            for r in members:
+            for r in longer:
                 s, lo, hi, _ = rows[r]
                 src += [starts[r] + min(t, hi - lo - 1) for t in range(T)]
                 pos.append([lo + min(t, hi - lo - 1) for t in range(T)])
-            run = src == list(range(src[0], src[0] + len(src)))
-            gslots = [rows[r][0].slot for r in members]
+            gslots = [rows[r][0].slot for r in longer]
             groups.append(Group(torch.tensor(gslots, device=dev), torch.tensor(pos, device=dev),
-                                max(rows[r][2] for r in members), KVCache.span_of(gslots),
-                                slice(src[0], src[0] + len(src)) if run else torch.tensor(src, device=dev)))
+                                max(rows[r][2] for r in longer), KVCache.span_of(gslots), self._src(src)))
             order += src
+            real += [True] * len(src)
         back = None
         if order != list(range(n)):  # padding, or groups out of the packed order: map each token back
             where = {}
-            for row, tok in enumerate(order):
-                where.setdefault(tok, row)
+            for row, (tok, ok) in enumerate(zip(order, real)):
+                if ok:
+                    where.setdefault(tok, row)
             back = torch.tensor([where[t] for t in range(n)], device=dev)
         layout = Layout(groups, back, torch.tensor(last, device=dev))
         return self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev),
@@ -119,9 +124,7 @@ class Runner:
         read_len = max(s.length for s in seqs)
         step = self.model if self.model.layer_ready is not None else self._decode
         if step is self.model and KVCache.span_of(slots) is None:
-            lo, hi = min(slots), max(slots) + 1
-            if hi - lo <= 2 * len(slots):
-                return self._decode_over_range(seqs, lo, hi)
+            return self.packed(seqs, [])  # gaps in the slots: attend over their range (_single_token_group)
         if self.static:
             pad = next(b for b in self.buckets if b >= len(seqs)) - len(seqs)
             tokens, positions, slots = tokens + [0] * pad, positions + [0] * pad, slots + [self.kv.scratch] * pad
@@ -134,18 +137,29 @@ class Runner:
                               torch.tensor(slots, device=self.device), self.kv)
         return logits[: len(seqs)]
 
-    def _decode_over_range(self, seqs: list[Sequence], lo: int, hi: int) -> torch.Tensor:
-        """An eager decode step whose slots have gaps (sequences that finished left them): attention runs
-        over the whole range of slots lo..hi, a view of the cache, with each query placed in its own
-        slot's row (the gaps' rows attend to key 0 and are dropped), instead of gathering every layer's
-        keys and values of the batch's slots into new tensors at each step."""
-        dev, n = self.device, len(seqs)
-        member = {s.slot: b for b, s in enumerate(seqs)}
-        src = [member.get(slot, 0) for slot in range(lo, hi)]
-        pos = [[seqs[member[slot]].length - 1 if slot in member else 0] for slot in range(lo, hi)]
-        group = Group(torch.arange(lo, hi, device=dev), torch.tensor(pos, device=dev),
-                      max(s.length for s in seqs), (lo, hi), torch.tensor(src, device=dev))
-        layout = Layout([group], torch.tensor([s.slot - lo for s in seqs], device=dev), torch.arange(n, device=dev))
-        return self.model(torch.tensor([[s.last_token for s in seqs]], device=dev),
-                          torch.tensor([[s.length - 1 for s in seqs]], device=dev),
-                          torch.tensor([[s.slot for s in seqs]], device=dev), self.kv, layout=layout)
+    def _src(self, src: list[int]) -> slice | torch.Tensor:
+        """A group's packed tokens: a slice when they are a run, else an index."""
+        if src == list(range(src[0], src[0] + len(src))):
+            return slice(src[0], src[0] + len(src))
+        return torch.tensor(src, device=self.device)
+
+    def _single_token_group(self, members: list[tuple[int, int, int]], length: int
+                            ) -> tuple[Group, list[int | None]]:
+        """The group of a step's single-token rows, given (slot, position, packed token) of each, and the
+        packed token behind each of its rows (None: a row that is no one's). When their slots have gaps
+        (sequences that finished left them) but few, attention runs over the whole range of slots lo..hi,
+        a view of the cache, with each query in its own slot's row (a gap's row attends to key 0 and is
+        dropped), instead of gathering every layer's keys and values of those slots into new tensors."""
+        dev = self.device
+        slots = [m[0] for m in members]
+        lo, hi = min(slots), max(slots) + 1
+        if KVCache.span_of(slots) is None and hi - lo <= 2 * len(members):
+            at = {slot: (pos, tok) for slot, pos, tok in members}
+            src = [at[slot][1] if slot in at else None for slot in range(lo, hi)]
+            pos = [[at[slot][0] if slot in at else 0] for slot in range(lo, hi)]
+            index = torch.tensor([0 if t is None else t for t in src], device=dev)
+            return Group(torch.arange(lo, hi, device=dev), torch.tensor(pos, device=dev), length, (lo, hi),
+                         index), src
+        src = [m[2] for m in members]
+        return Group(torch.tensor(slots, device=dev), torch.tensor([[m[1]] for m in members], device=dev),
+                     length, KVCache.span_of(slots), self._src(src)), src

@@ -224,8 +224,8 @@ class Decoder(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv,
-                last: torch.Tensor | None = None, layout: Layout | None = None) -> torch.Tensor:
-        """Logits [B, V] at index `last[b]` of each row (default: the final token). With a `layout`,
+                layout: Layout | None = None) -> torch.Tensor:
+        """Logits [B, V] at the final token of each row. With a `layout`,
         tokens and positions are [1, N] packed, `slots` [1, N] a slot per token, and the logits are
         those of the layout's sequences.
 
@@ -244,10 +244,8 @@ class Decoder(nn.Module):
             ready(self.cfg.num_layers)
         if layout is not None:
             x = x[0].index_select(0, layout.last)
-        elif last is None:
-            x = x[:, -1]
         else:
-            x = x[torch.arange(x.shape[0], device=x.device), last]
+            x = x[:, -1]
         x = rms_norm(x, self.w["norm.weight"], self.cfg.rms_norm_eps)
         return self.logits(x)
 
