@@ -22,30 +22,28 @@ from coeserve.config import ModelConfig
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b) with w in [out, in]. On CPU through oneDNN, which ran batch-8 decode steps 1.2-1.5x
-    faster than the default BLAS path (MKL) on the AMD and Intel CPUs we measured (bench/layout.py),
-    except for a single row: inside a compiled step a reduction that inductor compiles is fastest on
-    both; eagerly, oneDNN wins on AMD (30.5 vs 49.2 ms a step) and MKL on Intel up to three rows (23-29
-    vs 34-45 ms)."""
+    """x @ w.T (+ b) with w in [out, in]. On CPU, fp32 (`bench/layout.py --batches ...` measures each
+    path on the machine at hand):
+    - in a compiled step, one row (batch-1 decode) is a reduction that inductor compiles into the step's
+      own C++ kernels, which stream the weights fastest; more rows go through oneDNN;
+    - eagerly, 4-16 rows (a decode batch) take our kernel (kernels/), which reads each weight once;
+    - other eager calls take MKL (torch's BLAS) on Intel CPUs, where it beats oneDNN at every row count
+      (1-3 rows by 1.5x; a prefill of 517 rows 23.5 vs 35.3 ms, odd counts being oneDNN's slow case),
+      and oneDNN on AMD, where MKL takes a slow generic path (1.2-1.6x slower)."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN:
         shape = x.shape
         one_row = x.numel() == shape[-1]
         if one_row and torch.compiler.is_compiling():
-            # One row (batch-1 decode): a GEMV written as a reduction, which inductor compiles into the
-            # step's own C++ kernels; it streams the weights faster than a oneDNN call (bench/layout.py).
             y = (w * x.reshape(1, -1)).sum(-1)
             return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
         if not torch.compiler.is_compiling():
             rows = x.numel() // shape[-1]
-            if rows <= 3 and _intel():
-                # Up to three rows, eager: MKL beats oneDNN on Intel by 1.5x; from four rows on they are
-                # even (`bench/layout.py --batches 1,2,3,4,8`).
-                return F.linear(x, w, b)
             small = kernels.small_linear()
             if 4 <= rows <= SMALL_ROWS and small is not None and w.is_contiguous():
-                # A decode batch: our kernel reads each weight once for all rows (kernels/).
                 y = small(x.reshape(rows, shape[-1]).contiguous(), w)
                 return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
+            if _intel():
+                return F.linear(x, w, b)
         # Inductor lowers the oneDNN op only for constant weights; ours are views into a slot, so under
         # torch.compile the call goes through an opaque custom op instead.
         op = torch.ops.coeserve.onednn_linear if torch.compiler.is_compiling() else _onednn
