@@ -71,7 +71,7 @@ class Runner:
         """One forward pass over a decode token of each of `decoding` and prompt tokens lo..hi of each of
         `chunks`, packed in a row: the weights are read once for all of them and no matmul row is padding.
         Logits [B, V] in that order (a chunk's at its last token). Attention runs per group: the
-        single-token rows in one batch, the longer chunks padded to the longest."""
+        single-token rows in one batch, each longer chunk alone."""
         rows = [(s, s.length - 1, s.length, [s.last_token]) for s in decoding]
         rows += [(s, lo, hi, s.prompt_ids[lo:hi]) for s, lo, hi in chunks]
         tokens, positions, slots, last, starts, n = [], [], [], [], [], 0
@@ -92,18 +92,13 @@ class Runner:
             groups.append(group)
             order += [0 if t is None else t for t in src]
             real += [t is not None for t in src]
-        if longer:
-            T = max(rows[r][2] - rows[r][1] for r in longer)
-            src, pos = [], []
-            for r in longer:
-                s, lo, hi, _ = rows[r]
-                src += [starts[r] + min(t, hi - lo - 1) for t in range(T)]
-                pos.append([lo + min(t, hi - lo - 1) for t in range(T)])
-            gslots = [rows[r][0].slot for r in longer]
-            groups.append(Group(torch.tensor(gslots, device=dev), torch.tensor(pos, device=dev),
-                                max(rows[r][2] for r in longer), KVCache.span_of(gslots), self._src(src)))
-            order += src
-            real += [True] * len(src)
+        for r in longer:  # each chunk attends alone, unpadded: 4.0 ms a layer for chunks of 211, 150, 100
+            # and 50 tokens against 6.5 ms as one block padded to 211 (SDPA on CPU, SmolLM2 heads)
+            s, lo, hi, _ = rows[r]
+            groups.append(Group(torch.tensor([s.slot], device=dev), torch.arange(lo, hi, device=dev)[None],
+                                hi, (s.slot, s.slot + 1), slice(starts[r], starts[r] + hi - lo)))
+            order += range(starts[r], starts[r] + hi - lo)
+            real += [True] * (hi - lo)
         back = None
         if order != list(range(n)):  # padding, or groups out of the packed order: map each token back
             where = {}
