@@ -1,8 +1,8 @@
 """Which matmul path and weight layout streams a decode step fastest on this CPU, at batch 1 and 8
 (`--batches` for others, up to prefill-sized row counts such as 517, where only torch's paths run):
-F.linear on [out, in] (the default BLAS), x @ W on a transposed [in, out] copy, W @ x.T (the BLAS
-with the batch as the narrow side), oneDNN's linear on [out, in] (what models/common.py uses on CPU
-for many rows, and in fused batches above 1), our `kernels.small_linear` (what it uses eagerly for 4-16
+F.linear on [out, in] (the default BLAS: what models/common.py uses eagerly on Intel CPUs outside
+4-16 rows), x @ W on a transposed [in, out] copy, W @ x.T (the BLAS with the batch as the narrow
+side), oneDNN's linear on [out, in] (what it uses there on AMD CPUs, and in fused batches above 1), our `kernels.small_linear` (what it uses eagerly for 4-16
 rows), and the whole step's matmuls compiled by torch.compile as reductions (what it uses in a fused
 batch-1 step). The shapes are SmolLM2-135M's, all 30 layers plus the head, so the weights (~540 MB) do
 not fit in cache. "floor" is the time to read them once at the copy bandwidth measured in the same run.

@@ -262,15 +262,16 @@ def test_a_batch_with_gaps_in_its_slots_decodes_as_each_alone(which, request):
     eng = Engine(expert, EngineConfig(max_batch=4, max_seq_len=512))
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in budgets]
     seqs = [eng.add(eng.make_sequence(p, q)) for p, q in zip(prompts[:4], params)]
+    def gapped():
+        slots = sorted(s.slot for s in eng.running)
+        return bool(slots) and slots != list(range(slots[0], slots[0] + len(slots)))
+
     gaps = joined_gapped = 0
     while eng.has_work:
-        slots = sorted(s.slot for s in eng.running)
-        gapped = bool(slots) and slots != list(range(slots[0], slots[0] + len(slots)))
-        if gapped and len(seqs) == 4 and len(slots) == 2:  # slots 0 and 3 decode: a prompt joins them
+        if gapped() and len(seqs) == 4 and len(eng.running) == 2:  # slots 0 and 3 decode: a prompt joins
             seqs.append(eng.add(eng.make_sequence(prompts[4], params[4])))
             joined_gapped += 1
         eng.step()
-        slots = sorted(s.slot for s in eng.running)
-        gaps += bool(slots) and slots != list(range(slots[0], slots[0] + len(slots)))
+        gaps += gapped()
     assert joined_gapped == 1 and gaps >= 10
     assert [s.output_ids for s in seqs] == alone

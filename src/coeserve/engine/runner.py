@@ -83,27 +83,25 @@ class Runner:
             n += hi - lo
             last.append(n - 1)
         dev = self.device
-        groups, order, real = [], [], []  # order: the packed token behind each row of the groups' blocks
+        groups, order = [], []  # the packed token behind each row of the groups' blocks (None: no one's)
         single = [r for r in range(len(rows)) if rows[r][2] - rows[r][1] == 1]
         longer = [r for r in range(len(rows)) if rows[r][2] - rows[r][1] > 1]
         if single:
             group, src = self._single_token_group([(rows[r][0].slot, rows[r][1], starts[r]) for r in single],
                                                   max(rows[r][2] for r in single))
             groups.append(group)
-            order += [0 if t is None else t for t in src]
-            real += [t is not None for t in src]
+            order += src
         for r in longer:  # each chunk attends alone, unpadded: 4.0 ms a layer for chunks of 211, 150, 100
             # and 50 tokens against 6.5 ms as one block padded to 211 (SDPA on CPU, SmolLM2 heads)
             s, lo, hi, _ = rows[r]
             groups.append(Group(torch.tensor([s.slot], device=dev), torch.arange(lo, hi, device=dev)[None],
                                 hi, (s.slot, s.slot + 1), slice(starts[r], starts[r] + hi - lo)))
             order += range(starts[r], starts[r] + hi - lo)
-            real += [True] * (hi - lo)
         back = None
         if order != list(range(n)):  # padding, or groups out of the packed order: map each token back
             where = {}
-            for row, (tok, ok) in enumerate(zip(order, real)):
-                if ok:
+            for row, tok in enumerate(order):
+                if tok is not None:
                     where.setdefault(tok, row)
             back = torch.tensor([where[t] for t in range(n)], device=dev)
         layout = Layout(groups, back, torch.tensor(last, device=dev))
