@@ -186,8 +186,13 @@ class Step:
         group = self.layout.groups[g]
         return self._once(("mask", window, g), lambda: attention_mask(group.positions, group.length, window))
 
-    def kv_rows(self) -> torch.Tensor:
-        return self._once("rows", lambda: self.kv.rows(self.slots, self.positions))
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The layer's new keys and values into the cache: eagerly one index_copy_ at rows made once per
+        call; in a compiled step by indexing (KVCache.write_at), which inductor writes in place."""
+        if torch.compiler.is_compiling() and self.slots.dim() == 1:
+            self.kv.write_at(layer, self.slots, self.positions, k, v)
+        else:
+            self.kv.write(layer, self._once("rows", lambda: self.kv.rows(self.slots, self.positions)), k, v)
 
 
 class Decoder(nn.Module):
@@ -270,7 +275,7 @@ class Decoder(nn.Module):
         """`rope` names the table (an attribute) the layer's positions rotate by."""
         factors = step.rope(rope, getattr(self, rope))
         q, k = apply_rope(q, factors), apply_rope(k, factors)
-        step.kv.write(i, step.kv_rows(), k, v)
+        step.write(i, k, v)
         if step.layout is None:
             keys, values = step.kv.read(i, step.slots)
             return self._attention(q, keys, values, step.mask(step.kv.read_len, window), scale, softcap)
