@@ -166,17 +166,36 @@ class Engine:
         codec, p = self.expert.codec, seq.params
         eos = codec.eos_ids if codec else self.expert.cfg.eos_token_ids
         if token in eos and not p.ignore_eos:
+            self._extend(seq, None)
             return self._finish(seq, "stop", done)
         seq.output_ids.append(token)
-        full = codec.decode(seq.output_ids) if codec else ""
-        cut = min((i for i in (full.find(s) for s in p.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            seq.text = full[:cut]
+        last = len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len
+        if self._extend(seq, token, last):
             return self._finish(seq, "stop", done)
-        seq.text = full
-        if len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len:
+        if last:
             return self._finish(seq, "length", done)
         self._emit(seq, final=False)
+
+    def _extend(self, seq: Sequence, token: int | None, last: bool = True) -> bool:
+        """Add `token`'s text (and, when `last`, any text held back) to seq.text; True if that completed a
+        stop string, then the text is cut before it. Only the new text, and the end of the old that a
+        stop string could begin in, is searched: each token costs the same however long the output."""
+        codec = self.expert.codec
+        if codec is None:
+            return False
+        if seq.detok is None:
+            seq.detok = codec.stream()
+        new = seq.detok.push(token) if token is not None else ""
+        new += seq.detok.flush() if last else ""
+        if not new:
+            return False
+        stops = seq.params.stop
+        start = max(0, len(seq.text) - max((len(s) for s in stops), default=1) + 1)
+        seq.text += new
+        cut = min((i for i in (seq.text.find(s, start) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            seq.text = seq.text[:cut]
+        return cut >= 0
 
     def _emit(self, seq: Sequence, final: bool) -> None:
         end = len(seq.text)
@@ -184,7 +203,7 @@ class Engine:
             end = len(seq.text.rstrip("\ufffd"))  # an incomplete UTF-8 character is still arriving
             for s in seq.params.stop:  # hold back text that may begin a stop string
                 for k in range(min(len(s) - 1, end), 0, -1):
-                    if seq.text[:end].endswith(s[:k]):
+                    if seq.text.endswith(s[:k], 0, end):
                         end -= k
                         break
         if end > seq.emitted and seq.on_text:

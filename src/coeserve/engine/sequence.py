@@ -58,6 +58,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in the KV cache
     text: str = ""  # final output text (stop strings cut)
     emitted: int = 0  # characters of `text` passed to on_text
+    detok: object | None = None  # the tokenizer's TextStream of output_ids, made at the first token
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self):

@@ -31,6 +31,9 @@ class Codec:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def stream(self) -> "TextStream":
+        return TextStream(self)
+
     def chat_prompt(self, messages: list[dict]) -> tuple[list[int], tuple[str, ...]]:
         """Token ids for a chat, plus stop strings the format implies."""
         for m in messages:
@@ -41,3 +44,33 @@ class Codec:
             return list(self.tok(text, add_special_tokens=False).input_ids), ()
         lines = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
         return self.encode("\n".join(lines) + "\nAssistant:"), PLAIN_STOP
+
+
+class TextStream:
+    """The text of generated tokens, one token at a time, in work that does not grow with the output:
+    each new token is decoded within a short window of the tokens before it (the incremental
+    detokenisation of vLLM and of tokenizers' DecodeStream), so that a token's leading space and a
+    character split across tokens come out as decode() of the whole output gives them. Text is held
+    back while it ends in an unfinished character; `flush` gives what is held at the end."""
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # window ids[prefix:read] is context only; ids[read:] is not out yet
+
+    def _new_text(self, final: bool) -> str:
+        before = self.codec.decode(self.ids[self.prefix:self.read])
+        text = self.codec.decode(self.ids[self.prefix:])
+        if len(text) > len(before) and (final or not text.endswith("\ufffd")):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before):]
+        return ""
+
+    def push(self, token: int) -> str:
+        """Add a token; the text that is now final (may be empty)."""
+        self.ids.append(token)
+        return self._new_text(final=False)
+
+    def flush(self) -> str:
+        """The text still held back (an unfinished character at the end of the output)."""
+        return self._new_text(final=True) if self.read < len(self.ids) else ""

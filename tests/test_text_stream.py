@@ -1,0 +1,66 @@
+"""Incremental detokenisation (engine/tokenizer.py TextStream): the text streamed token by token is the
+text of decoding the whole output at once, for both built-in tokenizers (byte-level BPE and
+SentencePiece with byte fallback), with characters split across tokens held back until whole."""
+import random
+
+import pytest
+
+from coeserve.engine.engine import Engine
+from coeserve.engine.sequence import SamplingParams
+from coeserve.config import EngineConfig
+
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "  leading spaces,\ttabs\nand new lines\n\n",
+    "Prix: 12,50 € — naïve café, Straße, smörgåsbord.",
+    "東京は日本の首都です。北京是中国的首都。",
+    "Emoji: 🙂🚀👍🏽 and 🇫🇷 flags; math: ∑ x² ≤ ∞.",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment",
+]
+
+
+def streamed(codec, ids):
+    stream, pieces = codec.stream(), []
+    for t in ids:
+        pieces.append(stream.push(t))
+    pieces.append(stream.flush())
+    return pieces
+
+
+@pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_streamed_text_is_the_whole_decode(which, request):
+    codec = request.getfixturevalue(which).codec
+    for text in TEXTS:
+        ids = codec.encode(text)
+        pieces = streamed(codec, ids)
+        assert "".join(pieces) == codec.decode(ids)
+        assert all("\ufffd" not in p for p in pieces)  # a split character comes out whole, once complete
+        assert sum(1 for p in pieces[:-1] if p) > len(ids) // 3  # text comes out as tokens arrive
+
+
+@pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_random_tokens_stream_as_they_decode(which, request):
+    """Any token sequence, byte tokens that never make a valid character included."""
+    codec = request.getfixturevalue(which).codec
+    rng = random.Random(7)
+    vocab = len(codec.tok)
+    for _ in range(20):
+        ids = [rng.randrange(vocab) for _ in range(60)]
+        assert "".join(streamed(codec, ids)) == codec.decode(ids)
+
+
+def test_engine_text_and_stream_agree_with_whole_decode_and_stop_strings(smol):
+    """A long generation: seq.text is decode(output_ids); a stop string that spans tokens far into the
+    output cuts the text right before it, and streaming never passed any of it on."""
+    ids = smol.codec.chat_prompt([{"role": "user", "content": "Write a long story about a dragon."}])[0]
+    engine = Engine(smol, EngineConfig(max_batch=2, max_seq_len=1024))
+    whole = engine.generate([ids], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))[0]
+    assert whole.text == smol.codec.decode(whole.output_ids) and len(whole.text) > 400
+    stop = whole.text[300:306]
+    first = whole.text.index(stop)
+    parts = []
+    seq = engine.add(engine.make_sequence(ids, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True,
+                                                               stop=(stop, "never appears")),
+                                          on_text=parts.append))
+    engine.run_until_done()
+    assert seq.finish_reason == "stop" and seq.text == whole.text[:first] == "".join(parts)
