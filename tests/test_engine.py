@@ -235,16 +235,18 @@ def test_fused_mode_matches_unfused():
     model = build_model(cfg, max_len=512)
     bind_image(model, buf, index, torch.float32)
     expert = Expert("tiny", cfg, model, None, torch.device("cpu"), torch.float32)
-    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [20, 21]]
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [20, 21], [30, 31, 32]]
     # Unfused; fused with dynamic shapes (CPU default); fused with padded static shapes (CUDA default).
+    # Batches of 3 (oneDNN) and 4 rows (our kernel, kernels/, in the compiled step too).
     configs = [dict(fused=False), dict(fused=True), dict(fused=True, static_shapes=True)]
-    runs = [[s.output_ids for s in Engine(expert, EngineConfig(max_batch=4, max_seq_len=512, **c))
-             .generate(prompts, GREEDY)] for c in configs]
-    assert runs[0] == runs[1] == runs[2] and all(len(r) == GREEDY.max_tokens for r in runs[0])
+    runs = [[s.output_ids for s in Engine(expert, EngineConfig(max_batch=5, max_seq_len=512, **c))
+             .generate(p, GREEDY)] for c in configs for p in (prompts[:3], prompts)]
+    assert runs[0] == runs[2] == runs[4] and runs[1] == runs[3] == runs[5]
+    assert runs[0] == runs[1][:3] and all(len(r) == GREEDY.max_tokens for r in runs[1])
     # A lone sequence decodes at batch 1, where the fused step compiles its matmuls as reductions.
     alone = [Engine(expert, EngineConfig(max_batch=4, max_seq_len=512, fused=f)).generate(prompts[1:2], GREEDY)[0]
              .output_ids for f in (False, True)]
-    assert alone[0] == alone[1] == runs[0][1]
+    assert alone[0] == alone[1] == runs[1][1]
 
 
 @pytest.mark.parametrize("which", ["smol", "gemma"])

@@ -82,4 +82,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
-TORCH_LIBRARY(coeserve_kernels, m) { m.def("small_linear(Tensor x, Tensor w) -> Tensor", &small_linear); }
+// Declared, then implemented for CPU tensors only: torch.compile traces the op with fake tensors
+// through the shape function kernels/__init__.py registers, and calls it from the compiled step.
+TORCH_LIBRARY(coeserve_kernels, m) { m.def("small_linear(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY_IMPL(coeserve_kernels, CPU, m) { m.impl("small_linear", &small_linear); }

@@ -25,8 +25,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """x @ w.T (+ b) with w in [out, in]. On CPU, fp32 (`bench/layout.py --batches ...` measures each
     path on the machine at hand):
     - in a compiled step, one row (batch-1 decode) is a reduction that inductor compiles into the step's
-      own C++ kernels, which stream the weights fastest; more rows go through oneDNN;
-    - eagerly, 4-16 rows (a decode batch) take our kernel (kernels/), which reads each weight once;
+      own C++ kernels, which stream the weights fastest; 2-3 and over 16 rows go through oneDNN;
+    - 4-16 rows (a decode batch), eager or compiled, take our kernel (kernels/), which reads each
+      weight once;
     - other eager calls take MKL (torch's BLAS) on Intel CPUs, where it beat oneDNN at every row count
       we measured (1-3 rows by 1.5x; SmolLM2's layers at 517 rows, a packed step, 20.5-21.6 vs
       28.7-31.4 ms), and oneDNN on AMD, where MKL takes a slow generic path (1.5-1.6x slower)."""
@@ -36,14 +37,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         if one_row and torch.compiler.is_compiling():
             y = (w * x.reshape(1, -1)).sum(-1)
             return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
-        if not torch.compiler.is_compiling():
-            rows = x.numel() // shape[-1]
-            small = kernels.small_linear()
-            if 4 <= rows <= SMALL_ROWS and small is not None and w.is_contiguous():
-                y = small(x.reshape(rows, shape[-1]).contiguous(), w)
-                return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
-            if _intel():
-                return F.linear(x, w, b)
+        rows = x.numel() // shape[-1]
+        small = kernels.small_linear()
+        if 4 <= rows <= SMALL_ROWS and small is not None and w.is_contiguous():
+            y = small(x.reshape(rows, shape[-1]).contiguous(), w)
+            return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
+        if _intel() and not torch.compiler.is_compiling():
+            return F.linear(x, w, b)
         # Inductor lowers the oneDNN op only for constant weights; ours are views into a slot, so under
         # torch.compile the call goes through an opaque custom op instead.
         op = torch.ops.coeserve.onednn_linear if torch.compiler.is_compiling() else _onednn
