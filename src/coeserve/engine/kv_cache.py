@@ -78,7 +78,7 @@ class KVCache:
                  v: torch.Tensor) -> None:
         """Write k, v [B, T, H, D] of tokens at `positions` [B, T] in `slots` [B] by indexing the cache
         itself. A compiled step writes so: there write()'s index_copy_ into a view of the cache becomes a
-        copy of the whole layer's cache at every step (SmolLM2, 16 slots: 12 times slower than this)."""
+        copy of the whole layer's cache at every step (docs/engine.md)."""
         idx = slots[:, None].expand_as(positions)
         self.k[layer][idx, :, positions] = k
         self.v[layer][idx, :, positions] = v
