@@ -49,6 +49,25 @@ def test_random_tokens_stream_as_they_decode(which, request):
         assert "".join(streamed(codec, ids)) == codec.decode(ids)
 
 
+def test_a_decoder_that_strips_the_first_space_keeps_the_others():
+    """SentencePiece-style decoders (Llama 2, Mistral) drop the leading space of the first token they
+    see: a token decoded alone loses its space, so each token is decoded after the ones before it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from coeserve.engine.tokenizer import TextStream
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(["Hello world, the quick brown fox jumps over the lazy dog."] * 20,
+                            trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>"]))
+    ids = tok.encode("the lazy fox jumps, hello world").ids
+    whole = tok.decode(ids)
+    assert whole == "the lazy fox jumps, hello world" and "".join(tok.decode([i]) for i in ids) != whole
+    stream = TextStream(tok.decode)
+    assert "".join([stream.push(i) for i in ids] + [stream.flush()]) == whole
+
+
 def test_engine_text_and_stream_agree_with_whole_decode_and_stop_strings(smol):
     """A long generation: seq.text is decode(output_ids); a stop string that spans tokens far into the
     output cuts the text right before it, and streaming never passed any of it on."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Callable
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 PLAIN_STOP = ("\nUser:",)
@@ -32,7 +33,7 @@ class Codec:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def stream(self) -> "TextStream":
-        return TextStream(self)
+        return TextStream(self.decode)
 
     def chat_prompt(self, messages: list[dict]) -> tuple[list[int], tuple[str, ...]]:
         """Token ids for a chat, plus stop strings the format implies."""
@@ -53,14 +54,14 @@ class TextStream:
     character split across tokens come out as decode() of the whole output gives them. Text is held
     back while it ends in an unfinished character; `flush` gives what is held at the end."""
 
-    def __init__(self, codec: Codec):
-        self.codec = codec
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
         self.ids: list[int] = []
         self.prefix = self.read = 0  # window ids[prefix:read] is context only; ids[read:] is not out yet
 
     def _new_text(self, final: bool) -> str:
-        before = self.codec.decode(self.ids[self.prefix:self.read])
-        text = self.codec.decode(self.ids[self.prefix:])
+        before = self.decode(self.ids[self.prefix:self.read])
+        text = self.decode(self.ids[self.prefix:])
         if len(text) > len(before) and (final or not text.endswith("\ufffd")):
             self.prefix, self.read = self.read, len(self.ids)
             return text[len(before):]
