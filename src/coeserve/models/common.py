@@ -42,7 +42,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         if 4 <= rows <= SMALL_ROWS and small is not None and w.is_contiguous():
             y = small(x.reshape(rows, shape[-1]).contiguous(), w)
             return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
-        if _intel() and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and _intel():  # (dynamo would trace into _intel)
             return F.linear(x, w, b)
         # Inductor lowers the oneDNN op only for constant weights; ours are views into a slot, so under
         # torch.compile the call goes through an opaque custom op instead.
