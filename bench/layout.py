@@ -1,12 +1,14 @@
 """Which matmul path and weight layout streams a decode step fastest on this CPU, at batch 1 and 8
 (`--batches` for others, up to prefill-sized row counts such as 517, where only torch's paths run):
-F.linear on [out, in] (the default BLAS: what models/common.py uses eagerly on Intel CPUs outside
-4-16 rows), x @ W on a transposed [in, out] copy, W @ x.T (the BLAS with the batch as the narrow
-side), oneDNN's linear on [out, in] (what it uses there on AMD CPUs, and in fused batches above 1), our `kernels.small_linear` (what it uses eagerly for 4-16
-rows), and the whole step's matmuls compiled by torch.compile as reductions (what it uses in a fused
-batch-1 step). The shapes are SmolLM2-135M's, all 30 layers plus the head, so the weights (~540 MB) do
-not fit in cache. "floor" is the time to read them once at the copy bandwidth measured in the same run.
-Prints a table, then one JSON line.
+F.linear on [out, in] (the default BLAS: what models/common.py uses on Intel CPUs above 16 rows),
+x @ W on a transposed [in, out] copy, W @ x.T (the BLAS with the batch as the narrow side), oneDNN's
+linear on [out, in] (what it uses there on AMD CPUs, and in compiled steps), and our
+`kernels.small_linear` (what it uses, eager or compiled, for 1-16 rows). The shapes are SmolLM2-135M's,
+all 30 layers plus the head, so the weights (~540 MB) do not fit in cache; each matmul runs on its own,
+one after the other, as in a step, where each layer's input is the last one's output. (Independent
+matmuls compiled together in one graph would not do: inductor fuses them into one loop that reads all
+their weights at once, which no decode step can.) "floor" is the time to read the weights once at the
+copy bandwidth measured in the same run. Prints a table, then one JSON line.
 
     python bench/layout.py
     python bench/layout.py --batches 1,2,3,4,8,16
@@ -56,13 +58,6 @@ def main(argv=None) -> int:
     small = kernels.build()
     if small is not None:
         paths["ours small_linear"] = lambda x: [small(x[m.shape[1]], m) for m in mats]
-    fan_ins = sorted({m.shape[1] for m in mats})
-
-    def reductions(xs, ws):  # one compiled graph: every matmul as sum(w * x), rows of w in the inner loop
-        return [(w[:, None, :] * xs[fan_ins.index(w.shape[1])][None]).sum(-1).t() for w in ws]
-
-    compiled = torch.compile(reductions, dynamic=False)
-    paths["compiled sum(w*x)"] = lambda x: compiled([x[k] for k in fan_ins], mats)
     floor = nbytes / copy_bandwidth(torch.device("cpu"))
     result = {"bench": "layout", "device": device_name(torch.device("cpu")), "weights_MB": nbytes / 1e6,
               "threads": torch.get_num_threads(), "floor_ms": floor * 1e3}
@@ -70,7 +65,7 @@ def main(argv=None) -> int:
     for b in batches:
         x = {k: torch.randn(b, k) for k in {m.shape[1] for m in mats}}  # an input per fan-in
         for name, fn in paths.items():
-            if b > 16 and name.split()[0] in ("ours", "compiled"):  # decode-batch paths only
+            if b > 16 and name.startswith("ours"):  # a decode-step path only
                 continue
             dt = timed(lambda: fn(x))
             print(f"{name:20s} {b:5d} {dt * 1e3:8.1f} {nbytes / dt / 1e9:6.1f} {floor / dt:7.2f}")

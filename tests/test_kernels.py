@@ -1,4 +1,4 @@
-"""Our CPU kernel for decode-batch matmuls gives torch's values, on every shape the models use and on
+"""Our CPU kernel for decode-step matmuls gives torch's values, on every shape the models use and on
 ragged ones (fan-in not a multiple of the vector width, an odd number of output rows)."""
 import shutil
 
@@ -19,8 +19,8 @@ def small():
     return op
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 13, 16])
-@pytest.mark.parametrize("n, k", [(960, 576), (576, 1536), (2048, 640), (7, 37), (101, 16), (5, 3)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("n, k", [(960, 576), (576, 1536), (2048, 640), (1001, 64), (7, 37), (101, 16), (5, 3)])
 def test_small_linear_matches_torch(small, rows, n, k):
     gen = torch.Generator().manual_seed(rows * 1000 + n + k)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
@@ -30,12 +30,12 @@ def test_small_linear_matches_torch(small, rows, n, k):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4 * k ** 0.5)
 
 
-def test_models_linear_takes_it_for_decode_batches(small):
-    """linear() on 4..SMALL_ROWS rows (with a bias, on a [B, 1, in] decode activation) is the kernel's
+def test_models_linear_takes_it_for_decode_steps(small):
+    """linear() on 1..SMALL_ROWS rows (with a bias, on a [B, 1, in] decode activation) is the kernel's
     result, bit for bit; beyond that it is torch's, to rounding."""
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(300, 64, generator=gen), torch.randn(300, generator=gen)
-    for rows in (4, SMALL_ROWS, SMALL_ROWS + 1):
+    for rows in (1, 2, 4, SMALL_ROWS, SMALL_ROWS + 1):
         x = torch.randn(rows, 1, 64, generator=gen)
         y = linear(x, w, b)
         assert y.shape == (rows, 1, 300)
@@ -51,3 +51,59 @@ def test_bad_input_is_refused(small):
         small(torch.randn(2, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="contiguous"):
         small(torch.randn(8, 2).t(), torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_any_thread_count_covers_every_row(small, threads):
+    """Each thread reads its range of rows as 4 streams and the rest one by one: with 1 or 3 threads the
+    ranges split differently, and every output is still written with its own row's value."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(threads)
+        for n in (1, 4, 63, 130, 1001):
+            x, w = torch.randn(2, 48, generator=gen), torch.randn(n, 48, generator=gen)
+            assert torch.allclose(small(x, w), F.linear(x.double(), w.double()).float(), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def attention(small):
+    return kernels.decode_attention()
+
+
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (8, 0.0), (0, 30.0), (5, 20.0)])
+def test_decode_attention_matches_reference(attention, window, softcap):
+    """Each row's query over its own slot's keys 0..p (the last `window` of them when set), GQA heads
+    sharing a kv head, soft-capped scores when asked: the values of the plain formula, in float64."""
+    gen = torch.Generator().manual_seed(window * 100 + int(softcap))
+    slots_n, hkv, max_len, d, h = 5, 3, 300, 64, 9
+    kc, vc = torch.randn(slots_n, hkv, max_len, d, generator=gen), torch.randn(slots_n, hkv, max_len, d, generator=gen)
+    q = torch.randn(4, h, d, generator=gen)
+    slots, positions = torch.tensor([4, 0, 2, 1]), torch.tensor([17, 0, 299, 6])  # not a range of slots
+    got = attention(q, kc, vc, slots, positions, window, 0.125, softcap)
+    assert got.shape == (4, h * d)
+    for b in range(4):
+        p = int(positions[b])
+        lo = max(0, p - window + 1) if window else 0
+        k = kc[slots[b], :, lo:p + 1].double().repeat_interleave(h // hkv, 0)
+        v = vc[slots[b], :, lo:p + 1].double().repeat_interleave(h // hkv, 0)
+        s = (q[b].double()[:, None] @ k.transpose(-1, -2))[:, 0] * 0.125
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        want = (torch.softmax(s, -1)[:, None] @ v)[:, 0].reshape(-1).float()
+        assert torch.allclose(got[b], want, atol=1e-5), (b, (got[b] - want).abs().max())
+
+
+def test_decode_attention_refuses_bad_input(attention):
+    kc = torch.zeros(2, 1, 8, 16)
+    q, one = torch.zeros(1, 2, 16), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="out of the cache"):
+        attention(q, kc, kc, torch.tensor([2]), one, 0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="out of the cache"):
+        attention(q, kc, kc, one, torch.tensor([8]), 0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="H a multiple of Hkv"):
+        attention(torch.zeros(1, 2, 8), kc, kc, one, one, 0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="fp32"):
+        attention(q.double(), kc.double(), kc.double(), one, one, 0, 1.0, 0.0)

@@ -1,13 +1,17 @@
 """Our own CPU kernels, compiled on the machine that runs them for its own vector unit (-march=native).
 
-`small_linear(x, w)`: x @ w.T for a few rows of x, fp32 (a decode batch of 4-16 rows). The general
-GEMMs (MKL, oneDNN) are tuned for many rows and run a 4-16 row step at about half the speed the memory
-allows; this one reads each weight once per call (`small_linear.cpp`, `bench/layout.py`).
+- `small_linear(x, w)`: x @ w.T for 1-16 rows of x, fp32 (a decode step). The general GEMMs (MKL,
+  oneDNN) are tuned for many rows, and one sequential stream of weights per core leaves the memory
+  idle between prefetches; this one reads each weight once, from several streams at once
+  (`small_linear.cpp`, `bench/layout.py`).
+- `decode_attention(q, k_cache, v_cache, slots, positions, window, scale, softcap)`: one query token
+  per sequence over its keys in the cache, in place (`decode_attention.cpp`).
 
 Built by torch.utils.cpp_extension with the system's C++ compiler on first use (about 40 s, once: the
 build is kept under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and `make install` makes
-it). Where it cannot be built (no compiler), `build()` logs why once and `small_linear()` returns None;
-callers then use torch's matmuls, which give the same values up to rounding.
+it). Where they cannot be built (no compiler), `build()` logs why once and the accessors return None;
+callers then use torch's ops, which give the same values up to rounding. Both ops have shape functions,
+so compiled (torch.compile) steps call them too.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("small_linear.cpp")
+_SOURCES = [Path(__file__).with_name(n) for n in ("small_linear.cpp", "decode_attention.cpp")]
 _lock = threading.Lock()
 _op = None
 _tried = False
@@ -54,13 +58,15 @@ def build():
             except ImportError:
                 pass
             cpp_extension.load_inline(
-                f"coeserve_kernels_{_cpu_tag()}", [_SOURCE.read_text()], is_python_module=False,
+                f"coeserve_kernels_{_cpu_tag()}", [p.read_text() for p in _SOURCES], is_python_module=False,
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
             torch.library.register_fake("coeserve_kernels::small_linear")(
                 lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+            torch.library.register_fake("coeserve_kernels::decode_attention")(
+                lambda q, k, v, slots, positions, window, scale, softcap: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
             _op = torch.ops.coeserve_kernels.small_linear
         except Exception as e:  # no compiler, no headers: torch's matmuls do the work
-            log.warning("coeserve kernels not built (%s); decode batches use torch's matmuls",
+            log.warning("coeserve kernels not built (%s); decode steps use torch's matmuls and SDPA",
                         str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return _op
 
@@ -68,3 +74,8 @@ def build():
 def small_linear():
     """The small-row linear op if it is built (None before `build()` or where it failed)."""
     return _op
+
+
+def decode_attention():
+    """The decode attention op if it is built (None before `build()` or where it failed)."""
+    return None if _op is None else torch.ops.coeserve_kernels.decode_attention

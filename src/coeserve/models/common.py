@@ -24,22 +24,18 @@ from coeserve.config import ModelConfig
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b) with w in [out, in]. On CPU, fp32 (`bench/layout.py --batches ...` measures each
     path on the machine at hand):
-    - in a compiled step, one row (batch-1 decode) is a reduction that inductor compiles into the step's
-      own C++ kernels, which stream the weights fastest; 2-3 and over 16 rows go through oneDNN;
-    - 4-16 rows (a decode batch), eager or compiled, take our kernel (kernels/), which reads each
-      weight once;
-    - other eager calls take MKL (torch's BLAS) on Intel CPUs, where it beat oneDNN at every row count
-      we measured (1-3 rows by 1.5x; SmolLM2's layers at 517 rows, a packed step, 20.5-21.6 vs
-      28.7-31.4 ms), and oneDNN on AMD, where MKL takes a slow generic path (1.5-1.6x slower)."""
+    - 1-16 rows (a decode step), eager or compiled, take our kernel (kernels/), which reads the weights
+      as several streams at once and each weight once: 1.3-1.5x the speed of MKL or of inductor's own
+      reductions at one row, more at 4-16;
+    - other calls (prefill, packed steps) take MKL (torch's BLAS) on Intel CPUs, where it beat oneDNN at
+      every row count we measured (SmolLM2's layers at 517 rows, a packed step, 20.5-21.6 vs
+      28.7-31.4 ms), and oneDNN on AMD, where MKL takes a slow generic path (1.5-1.6x slower); in a
+      compiled step, oneDNN."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN:
         shape = x.shape
-        one_row = x.numel() == shape[-1]
-        if one_row and torch.compiler.is_compiling():
-            y = (w * x.reshape(1, -1)).sum(-1)
-            return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
         rows = x.numel() // shape[-1]
         small = kernels.small_linear()
-        if 4 <= rows <= SMALL_ROWS and small is not None and w.is_contiguous():
+        if rows <= SMALL_ROWS and small is not None and w.is_contiguous():
             y = small(x.reshape(rows, shape[-1]).contiguous(), w)
             return (y if b is None else y + b).view(*shape[:-1], w.shape[0])
         if not torch.compiler.is_compiling() and _intel():  # (dynamo would trace into _intel)
@@ -52,7 +48,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-SMALL_ROWS = 16  # up to this many rows, eager fp32 matmuls take kernels.small_linear when it is built
+SMALL_ROWS = 16  # up to this many rows, fp32 matmuls take kernels.small_linear when it is built
 
 
 @functools.cache
@@ -277,6 +273,9 @@ class Decoder(nn.Module):
         q, k = apply_rope(q, factors), apply_rope(k, factors)
         step.write(i, k, v)
         if step.layout is None:
+            out = self._decode_attention(i, q, step.kv, step.slots, step.positions, window, scale, softcap)
+            if out is not None:
+                return out
             keys, values = step.kv.read(i, step.slots)
             return self._attention(q, keys, values, step.mask(step.kv.read_len, window), scale, softcap)
         N, H, D = q.shape[1], q.shape[2], q.shape[3]
@@ -284,13 +283,31 @@ class Decoder(nn.Module):
         for g, group in enumerate(step.layout.groups):
             B, T = group.positions.shape
             qg = flat[group.src] if isinstance(group.src, slice) else flat.index_select(0, group.src)
-            keys, values = step.kv.read(i, group.slots, group.length, group.span)
-            out = self._attention(qg.view(B, T, H, D), keys, values, step.group_mask(g, window), scale, softcap)
+            out = self._decode_attention(i, qg.view(B, T, H, D), step.kv, group.slots, group.positions, window,
+                                         scale, softcap)
+            if out is None:
+                keys, values = step.kv.read(i, group.slots, group.length, group.span)
+                out = self._attention(qg.view(B, T, H, D), keys, values, step.group_mask(g, window), scale, softcap)
             outs.append(out.reshape(B * T, H * D))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if step.layout.back is not None:
             out = out.index_select(0, step.layout.back)
         return out.view(1, N, H * D)
+
+    @staticmethod
+    def _decode_attention(i: int, q, kv, slots, positions, window: int | None, scale: float,
+                          softcap: float | None) -> torch.Tensor | None:
+        """One query token per row, fp32 on CPU: our kernel reads each row's keys and values in its
+        cache slot in place (kernels/decode_attention.cpp), in a few µs where SDPA's set-up alone costs
+        about 100 a layer, and with no gather when the slots are not a range. [B, 1, H * D], or None where
+        it does not apply (then SDPA)."""
+        op = kernels.decode_attention()
+        B, T, H, D = q.shape
+        if op is None or T != 1 or q.dtype != torch.float32 or q.device.type != "cpu" or slots.dim() != 1:
+            return None
+        out = op(q.reshape(B, H, D).contiguous(), kv.k[i], kv.v[i], slots, positions.reshape(B),
+                 window or 0, scale, softcap or 0.0)
+        return out.view(B, 1, H * D)
 
     def _attention(self, q, keys, values, mask, scale: float, softcap: float | None) -> torch.Tensor:
         """q [B, T, H, D] over keys, values [B, Hkv, L, D] under mask [B, 1, T, L]; [B, T, H * D]."""
