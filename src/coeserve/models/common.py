@@ -298,9 +298,9 @@ class Decoder(nn.Module):
     def _decode_attention(i: int, q, kv, slots, positions, window: int | None, scale: float,
                           softcap: float | None) -> torch.Tensor | None:
         """One query token per row, fp32 on CPU: our kernel reads each row's keys and values in its
-        cache slot in place (kernels/decode_attention.cpp), in a few µs where SDPA's set-up alone costs
-        about 100 a layer, and with no gather when the slots are not a range. [B, 1, H * D], or None where
-        it does not apply (then SDPA)."""
+        cache slot in place (kernels/decode_attention.cpp): about 36 µs a layer of a SmolLM2 batch-1 step
+        where SDPA took about 100, with no mask and no gather when the slots are not a range.
+        [B, 1, H * D], or None where it does not apply (then SDPA)."""
         op = kernels.decode_attention()
         B, T, H, D = q.shape
         if op is None or T != 1 or q.dtype != torch.float32 or q.device.type != "cpu" or slots.dim() != 1:
