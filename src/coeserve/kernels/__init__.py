@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name(n) for n in ("small_linear.cpp", "decode_attention.cpp")]
+# One translation unit, in this order: vec.h (what the kernels share), then each kernel.
+_SOURCES = [Path(__file__).with_name(n) for n in ("vec.h", "small_linear.cpp", "decode_attention.cpp")]
 _lock = threading.Lock()
 _op = None
+_attention = None
 _tried = False
 
 
@@ -43,7 +45,7 @@ def _cpu_tag() -> str:
 
 def build():
     """Compile (or load the kept build of) the kernels; the op, or None with the reason logged once."""
-    global _op, _tried
+    global _op, _attention, _tried
     with _lock:
         if _tried:
             return _op
@@ -65,6 +67,7 @@ def build():
             torch.library.register_fake("coeserve_kernels::decode_attention")(
                 lambda q, k, v, slots, positions, window, scale, softcap: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
             _op = torch.ops.coeserve_kernels.small_linear
+            _attention = torch.ops.coeserve_kernels.decode_attention
         except Exception as e:  # no compiler, no headers: torch's matmuls do the work
             log.warning("coeserve kernels not built (%s); decode steps use torch's matmuls and SDPA",
                         str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
@@ -78,4 +81,4 @@ def small_linear():
 
 def decode_attention():
     """The decode attention op if it is built (None before `build()` or where it failed)."""
-    return None if _op is None else torch.ops.coeserve_kernels.decode_attention
+    return _attention

@@ -1,35 +1,13 @@
-// y = x @ w.T for a few rows of x (a decode batch): x [M, K], w [N, K], both fp32 and contiguous.
+// y = x @ w.T for a few rows of x (a decode step): x [M, K], w [N, K], both fp32 and contiguous.
 // Each thread of torch's own OpenMP pool takes a range of weight rows and reads it as 4 streams at once,
 // one from each quarter of the range: a tile holds one row of each stream in registers, reads it from
 // memory once and reuses it for every row of x. One sequential stream per core leaves the memory system
-// idle between the hardware prefetcher's requests (a core streamed ~17 GB/s with one, ~24 GB/s with
-// four far apart: bench/layout.py, "ours" against "MKL"); general GEMMs, tuned for large M, do worse at
-// these row counts. GCC vector types compile to the machine's widest vectors (-march=native): AVX-512
-// or AVX2.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <cstring>
+// idle between the hardware prefetcher's requests (SmolLM2's matmuls at one row, bench/layout.py: 20.7
+// GB/s, against 17.3 for this kernel reading blocks of adjacent rows and 14.7 for MKL); general GEMMs,
+// tuned for large M, do worse at these row counts.
+// (After vec.h: v16, load, hsum.)
 
 namespace {
-
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-inline float hsum(v16 v) {  // a tree of vector adds, not 16 dependent scalar ones
-  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
 
 // out[m0 .. m0+MB, n + j*stride for j < NB] in registers, over the whole of K: NB weight rows `stride`
 // rows apart, each loaded once per step of 16 in K and used for all MB rows of x.
