@@ -55,15 +55,18 @@ def test_bad_input_is_refused(small):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_any_thread_count_covers_every_row(small, threads):
-    """Each thread reads its range of rows as 4 streams and the rest one by one: with 1 or 3 threads the
-    ranges split differently, and every output is still written with its own row's value."""
+    """Each thread reads its range of rows as streams (12 for one row of x, 6 for more) and the rest one
+    by one: with 1 or 3 threads the ranges split differently, and every output is still written with
+    its own row's value."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         gen = torch.Generator().manual_seed(threads)
-        for n in (1, 4, 63, 130, 1001):
-            x, w = torch.randn(2, 48, generator=gen), torch.randn(n, 48, generator=gen)
-            assert torch.allclose(small(x, w), F.linear(x.double(), w.double()).float(), rtol=1e-5, atol=1e-4)
+        for rows in (1, 2, 5):
+            for n in (1, 4, 11, 12, 13, 63, 130, 1001):
+                x, w = torch.randn(rows, 48, generator=gen), torch.randn(n, 48, generator=gen)
+                want = F.linear(x.double(), w.double()).float()
+                assert torch.allclose(small(x, w), want, rtol=1e-5, atol=1e-4), (rows, n)
     finally:
         torch.set_num_threads(before)
 
