@@ -49,7 +49,7 @@ void rows(const float* x, const float* w, float* out, int64_t M, int64_t N, int6
 
 // Weight rows lo..hi as NB streams: stream j reads rows lo + j*span .. lo + (j+1)*span, then the
 // rows left over one at a time. More streams keep more reads in flight, but a tile holds MB*NB sums
-// and NB weight vectors in the 32 vector registers: one row of x takes 12 streams (24 registers),
+// and NB weight vectors in the 32 vector registers (AVX-512): one row of x takes 12 streams (24 registers),
 // more rows 6 (4 rows: 31). Timed on SmolLM2's matmuls against 4 streams, these were a few per cent
 // faster; 8 or more streams at 8 rows spill the tile and were slower.
 template <int NB>
@@ -72,10 +72,14 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w) {
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
+#ifdef __AVX512F__
     if (M == 1)
       streams<12>(xp, wp, op, M, N, K, lo, hi);
     else
       streams<6>(xp, wp, op, M, N, K, lo, hi);
+#else  // 16 registers of half the width: the counts above would spill; 4 is what was there before
+    streams<4>(xp, wp, op, M, N, K, lo, hi);
+#endif
   });
   return out;
 }
