@@ -110,3 +110,42 @@ def test_decode_attention_refuses_bad_input(attention):
         attention(torch.zeros(1, 2, 8), kc, kc, one, one, 0, 1.0, 0.0)
     with pytest.raises(RuntimeError, match="fp32"):
         attention(q.double(), kc.double(), kc.double(), one, one, 0, 1.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def norm(small):
+    return kernels.rms_norm()
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (3, 1, 576), (517, 640), (2, 4, 256), (5, 37), (1, 16), (2, 0)])
+def test_rms_norm_matches_torch(norm, shape):
+    """Rows of any length (a multiple of the vector width or not), any leading shape, against the
+    formula in float64."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    x, w = torch.randn(*shape, generator=gen) * 3, torch.randn(shape[-1], generator=gen)
+    got = norm(x, w, 1e-5)
+    xd = x.double()
+    want = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()).float()
+    assert got.shape == x.shape
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_models_rms_norm_takes_it_eagerly(norm):
+    """models.common.rms_norm is the kernel's result on contiguous fp32 CPU rows and torch's on a strided
+    view (Gemma's q/k norms over heads sliced out of the fused qkv), to rounding either way."""
+    from coeserve.models.common import rms_norm
+
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 1, 64, generator=gen), torch.randn(64, generator=gen)
+    assert torch.equal(rms_norm(x, w, 1e-6), norm(x, w, 1e-6))
+    strided = torch.randn(2, 1, 96, generator=gen)[..., :64]
+    assert torch.allclose(rms_norm(strided, w, 1e-6), F.rms_norm(strided, (64,), w, 1e-6), atol=1e-6)
+
+
+def test_rms_norm_refuses_bad_input(norm):
+    with pytest.raises(RuntimeError, match="x \\[..., D\\], w \\[D\\]"):
+        norm(torch.randn(2, 8), torch.randn(9), 1e-6)
+    with pytest.raises(RuntimeError, match="fp32"):
+        norm(torch.randn(2, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64), 1e-6)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        norm(torch.randn(8, 2).t(), torch.randn(8), 1e-6)
