@@ -149,3 +149,37 @@ def test_rms_norm_refuses_bad_input(norm):
         norm(torch.randn(2, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64), 1e-6)
     with pytest.raises(RuntimeError, match="contiguous"):
         norm(torch.randn(8, 2).t(), torch.randn(8), 1e-6)
+
+
+@pytest.fixture(scope="module")
+def rope(small):
+    return kernels.rope()
+
+
+@pytest.mark.parametrize("B, T, H, D", [(1, 1, 9, 64), (3, 1, 3, 64), (1, 7, 4, 256), (2, 5, 2, 6)])
+def test_rope_matches_torch(rope, B, T, H, D):
+    """On q sliced out of a fused qkv row (strided) and on a contiguous k, against the torch formula
+    models.common uses elsewhere, and models.common.apply_rope takes it."""
+    from coeserve.models.common import apply_rope, rope_factors, rope_table
+
+    gen = torch.Generator().manual_seed(B * 100 + T * 10 + H)
+    table = rope_table(D, 10000.0, None, 64)
+    cos, sin = rope_factors(table[torch.randint(0, 64, (B, T), generator=gen)])
+    qkv = torch.randn(B, T, 3 * H * D, generator=gen)
+    for x in (qkv[..., : H * D].view(B, T, H, D), torch.randn(B, T, H, D, generator=gen)):
+        half = D // 2
+        want = x.double() * cos.double() + torch.cat([x[..., half:], x[..., :half]], -1).double() * sin.double()
+        got = rope(x, cos.contiguous(), sin.contiguous())
+        assert got.shape == (B, T, H, D) and got.is_contiguous()
+        assert torch.allclose(got, want.float(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(apply_rope(x, (cos, sin)), got)
+
+
+def test_rope_refuses_bad_input(rope):
+    cos = torch.randn(1, 2, 1, 8)
+    with pytest.raises(RuntimeError, match="x \\[B, T, H, D\\] with D even"):
+        rope(torch.randn(1, 3, 2, 8), cos, cos)
+    with pytest.raises(RuntimeError, match="fp32"):
+        rope(torch.randn(1, 2, 2, 8, dtype=torch.float64), cos.double(), cos.double())
+    with pytest.raises(RuntimeError, match="contiguous"):
+        rope(torch.randn(1, 2, 8, 2).transpose(-1, -2), cos, cos)

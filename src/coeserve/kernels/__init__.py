@@ -7,6 +7,7 @@
 - `decode_attention(q, k_cache, v_cache, slots, positions, window, scale, softcap)`: one query token
   per sequence over its keys in the cache, in place (`decode_attention.cpp`).
 - `rms_norm(x, w, eps)`: RMSNorm of fp32 rows in one pass, for eager steps (`rms_norm.cpp`).
+- `rope(x, cos, sin)`: rotary embedding of fp32 q or k in one pass, for eager steps (`rope.cpp`).
 
 Built by torch.utils.cpp_extension with the system's C++ compiler on first use (about 40 s, once: the
 build is kept under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and `make install` makes
@@ -26,11 +27,13 @@ import torch
 
 log = logging.getLogger(__name__)
 # One translation unit, in this order: vec.h (what the kernels share), then each kernel.
-_SOURCES = [Path(__file__).with_name(n) for n in ("vec.h", "small_linear.cpp", "decode_attention.cpp", "rms_norm.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("vec.h", "small_linear.cpp", "decode_attention.cpp", "rms_norm.cpp",
+                                                  "rope.cpp")]
 _lock = threading.Lock()
 _op = None
 _attention = None
 _norm = None
+_rope = None
 _tried = False
 
 
@@ -47,7 +50,7 @@ def _cpu_tag() -> str:
 
 def build():
     """Compile (or load the kept build of) the kernels; the op, or None with the reason logged once."""
-    global _op, _attention, _norm, _tried
+    global _op, _attention, _norm, _rope, _tried
     with _lock:
         if _tried:
             return _op
@@ -69,9 +72,11 @@ def build():
             torch.library.register_fake("coeserve_kernels::decode_attention")(
                 lambda q, k, v, slots, positions, window, scale, softcap: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
             torch.library.register_fake("coeserve_kernels::rms_norm")(lambda x, w, eps: torch.empty_like(x))
+            torch.library.register_fake("coeserve_kernels::rope")(lambda x, cos, sin: x.new_empty(x.shape))
             _op = torch.ops.coeserve_kernels.small_linear
             _attention = torch.ops.coeserve_kernels.decode_attention
             _norm = torch.ops.coeserve_kernels.rms_norm
+            _rope = torch.ops.coeserve_kernels.rope
         except Exception as e:  # no compiler, no headers: torch's matmuls do the work
             log.warning("coeserve kernels not built (%s); decode steps use torch's matmuls and SDPA",
                         str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
@@ -91,3 +96,9 @@ def decode_attention():
 def rms_norm():
     """The fp32 RMSNorm op for eager steps if it is built (None before `build()` or where it failed)."""
     return _norm
+
+
+def rope():
+    """The fp32 rotary-embedding op for eager steps if it is built (None before `build()` or where it
+    failed)."""
+    return _rope

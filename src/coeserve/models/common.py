@@ -121,9 +121,14 @@ def rope_factors(cs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x [B, T, H, D] rotated by `rope_factors` of its positions (rotate-half convention): four kernels,
-    and in fp32 the same bits as x1*cos - x2*sin, x2*cos + x1*sin."""
+    """x [B, T, H, D] rotated by `rope_factors` of its positions (rotate-half convention): x1*cos - x2*sin,
+    x2*cos + x1*sin. Eager fp32 on CPU it is our one-pass kernel (kernels/rope.cpp, which may round the
+    last bit differently: fused multiply-adds); else four kernels, which compiled steps fuse."""
     cos, sin = factors
+    op = None if torch.compiler.is_compiling() else kernels.rope()
+    if (op is not None and x.dtype == cos.dtype == torch.float32 and x.device.type == "cpu"
+            and x.stride(-1) == 1 and cos.dim() == 4 and cos.shape[:2] == x.shape[:2]):
+        return op(x, cos.contiguous(), sin.contiguous())  # eager on CPU: our one-pass kernel
     half = x.shape[-1] // 2
     xf = x.float()
     return (xf * cos + torch.cat([xf[..., half:], xf[..., :half]], -1) * sin).to(x.dtype)
