@@ -27,8 +27,8 @@ import torch
 
 log = logging.getLogger(__name__)
 # One translation unit, in this order: vec.h (what the kernels share), then each kernel.
-_SOURCES = [Path(__file__).with_name(n) for n in ("vec.h", "small_linear.cpp", "decode_attention.cpp", "rms_norm.cpp",
-                                                  "rope.cpp")]
+_SOURCES = [Path(__file__).with_name(n)
+            for n in ("vec.h", "small_linear.cpp", "decode_attention.cpp", "rms_norm.cpp", "rope.cpp")]
 _lock = threading.Lock()
 _op = None
 _attention = None
