@@ -30,10 +30,15 @@ log = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name(n)
             for n in ("vec.h", "small_linear.cpp", "decode_attention.cpp", "rms_norm.cpp", "rope.cpp")]
 _lock = threading.Lock()
-_op = None
-_attention = None
-_norm = None
-_rope = None
+# Each op's shape function (for torch.compile), which is also the list of ops the library defines.
+_FAKES = {
+    "small_linear": lambda x, w: x.new_empty(x.shape[0], w.shape[0]),
+    "decode_attention": lambda q, k, v, slots, positions, window, scale, softcap:
+        q.new_empty(q.shape[0], q.shape[1] * q.shape[2]),
+    "rms_norm": lambda x, w, eps: torch.empty_like(x),
+    "rope": lambda x, cos, sin: x.new_empty(x.shape),
+}
+_ops: dict = {}  # name → op, once built
 _tried = False
 
 
@@ -49,11 +54,12 @@ def _cpu_tag() -> str:
 
 
 def build():
-    """Compile (or load the kept build of) the kernels; the op, or None with the reason logged once."""
-    global _op, _attention, _norm, _rope, _tried
+    """Compile (or load the kept build of) the kernels; the small_linear op, or None with the reason logged
+    once."""
+    global _tried
     with _lock:
         if _tried:
-            return _op
+            return small_linear()
         _tried = True
         try:
             from torch.utils import cpp_extension
@@ -67,38 +73,27 @@ def build():
             cpp_extension.load_inline(
                 f"coeserve_kernels_{_cpu_tag()}", [p.read_text() for p in _SOURCES], is_python_module=False,
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
-            torch.library.register_fake("coeserve_kernels::small_linear")(
-                lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
-            torch.library.register_fake("coeserve_kernels::decode_attention")(
-                lambda q, k, v, slots, positions, window, scale, softcap: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
-            torch.library.register_fake("coeserve_kernels::rms_norm")(lambda x, w, eps: torch.empty_like(x))
-            torch.library.register_fake("coeserve_kernels::rope")(lambda x, cos, sin: x.new_empty(x.shape))
-            _op = torch.ops.coeserve_kernels.small_linear
-            _attention = torch.ops.coeserve_kernels.decode_attention
-            _norm = torch.ops.coeserve_kernels.rms_norm
-            _rope = torch.ops.coeserve_kernels.rope
+            for name, fake in _FAKES.items():
+                torch.library.register_fake(f"coeserve_kernels::{name}")(fake)
+            _ops.update({name: getattr(torch.ops.coeserve_kernels, name) for name in _FAKES})
         except Exception as e:  # no compiler, no headers: torch's matmuls do the work
             log.warning("coeserve kernels not built (%s); decode steps use torch's matmuls and SDPA",
                         str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-        return _op
+        return small_linear()
 
 
+# Each op if it is built (None before `build()` or where it failed).
 def small_linear():
-    """The small-row linear op if it is built (None before `build()` or where it failed)."""
-    return _op
+    return _ops.get("small_linear")
 
 
 def decode_attention():
-    """The decode attention op if it is built (None before `build()` or where it failed)."""
-    return _attention
+    return _ops.get("decode_attention")
 
 
 def rms_norm():
-    """The fp32 RMSNorm op for eager steps if it is built (None before `build()` or where it failed)."""
-    return _norm
+    return _ops.get("rms_norm")
 
 
 def rope():
-    """The fp32 rotary-embedding op for eager steps if it is built (None before `build()` or where it
-    failed)."""
-    return _rope
+    return _ops.get("rope")
