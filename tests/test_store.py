@@ -192,6 +192,36 @@ def test_too_large_for_a_tier(tmp_path):
         st.close()
 
 
+@pytest.mark.parametrize("stored, served", [("fp32", "bf16"), ("bf16", "fp32")])
+def test_an_expert_stored_in_another_dtype_runs_from_a_cast_image(tmp_path, stored, served):
+    """The image is cast once, on disk, so the tiers hold the bytes the model runs on: switches among
+    streamed experts give load_expert's tokens (a cast at bind time read the slot while it was still being
+    filled), the parameters are views of the slot, the slots are sized for the cast image, and a second
+    store reuses the cast."""
+    disk = DiskStore(tmp_path / "home")
+    cfg = synthetic.synthetic_config("tiny", num_layers=4, hidden_size=128, intermediate_size=256, vocab_size=4096)
+    for i in range(3):
+        synthetic.install(disk, f"x{i:03d}", cfg, seed=1000 + i, dtype=stored)
+    want = {n: run(load_expert(disk, n, device="cpu", dtype=served, max_len=64)) for n in disk.names()}
+    cast, made = disk.path("x000") / "cast" / served / "image.bin", []
+    for _ in range(2):
+        st = ExpertStore(disk, StoreConfig(device_slots=1, chunk_bytes=4096, read_block=4096, loaders=1),
+                         device="cpu", dtype=served, max_len=64, check=True)
+        try:
+            assert st.budgets.slot_bytes == disk.image_bytes("x000", served)
+            for n in ["x000", "x001", "x002", "x000", "x002"]:
+                with st.use(n) as ex:
+                    assert run(ex) == want[n], n
+                    slot = st._entries[n].slot.buf
+                    lo, hi = slot.data_ptr(), slot.data_ptr() + slot.numel()
+                    assert all(lo <= t.data_ptr() < hi and t.dtype == ex.dtype for t in ex.model.w.values())
+        finally:
+            st.close()
+        assert cast.stat().st_size == disk.image_bytes("x000", served)  # as predicted before the cast
+        made.append(cast.stat().st_mtime_ns)
+    assert made[0] == made[1] and disk.info("x000").dtype == stored
+
+
 def test_layer_streaming_starts_before_the_copy_ends(tmp_path):
     """A cold 4-layer expert read in small blocks: the forward pass runs its first part while later
     layers are still arriving, and the result is exact."""

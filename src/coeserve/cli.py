@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "expert goes next, whatever the switch costs (default 5)")
     s.add_argument("--device")
     s.add_argument("--dtype", choices=COMPUTE_DTYPES,
-                   help="compute dtype (auto: fp32 on CPU, bf16 on CUDA); experts imported in it run as views")
+                   help="compute dtype (auto: fp32 on CPU, bf16 on CUDA); an expert stored in another dtype is cast once, on disk")
     _tier_options(s, verbose=False)
     s.add_argument("--ray", action="store_true", help="run as a Ray Serve app (pip install coeserve[ray])")
     s.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")

@@ -24,6 +24,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The image's name for a torch dtype ("fp32", "bf16", "fp16")."""
+    return _DTYPE_NAMES[dtype]
+
+
 class ImageError(ValueError):
     """A missing, truncated or corrupted image; the message names the file and the reason."""
 
@@ -116,6 +121,14 @@ def write_image(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], dt
     return ImageIndex(tuple(entries), total, tuple(layer_ends), CHUNK, tuple(crcs))
 
 
+def cast_bytes(index: ImageIndex, dtype: str) -> int:
+    """The total_bytes that `write_image` gives this image's tensors cast to `dtype` (its layout rules)."""
+    offset, size = 0, DTYPES[dtype].itemsize
+    for t in index.tensors:
+        offset = _align(offset + t.nbytes // DTYPES[t.dtype].itemsize * size)
+    return _align(offset, FILE_ALIGN)
+
+
 def checksum_file(path: Path, total: int) -> list[int]:
     crcs = []
     with open(path, "rb") as f:
@@ -171,6 +184,18 @@ def load_image(directory: Path, out: torch.Tensor | None = None, verify: bool = 
             got += n
     if verify:
         verify_chunks(path, buf, index)
+    return index, buf
+
+
+def map_image(directory: Path) -> tuple[ImageIndex, torch.Tensor]:
+    """An image's bytes mapped from its file (copy-on-write, read as touched) and verified, for reading
+    an image far larger than RAM once."""
+    import numpy as np
+
+    index = read_index(directory)
+    path = check_size(directory, index)
+    buf = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=(index.total_bytes,)))
+    verify_chunks(path, buf, index)
     return index, buf
 
 

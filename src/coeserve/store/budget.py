@@ -1,5 +1,5 @@
 """Tier budgets: what the config says, else sized from the machine at start — slots for the largest
-installed expert, as many as fit in 80% of free accelerator memory (two on a CPU-only machine, where
+installed expert (in the compute dtype), as many as fit in 80% of free accelerator memory (two on a CPU-only machine, where
 the device tier is RAM too), and a host arena of half the available RAM, no larger than every image."""
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def resolve_budgets(config: StoreConfig, disk: DiskStore, device: torch.device) -> Budgets:
-    sizes = [disk.info(n).bytes for n in disk.names()]
+def resolve_budgets(config: StoreConfig, disk: DiskStore, device: torch.device, dtype: str) -> Budgets:
+    sizes = [disk.image_bytes(n, dtype) for n in disk.names()]
     slot = config.slot_bytes or max(sizes, default=0)
     if not slot:
         raise ValueError(f"no experts installed in {disk.root} to size the device slots by (see `coe pull`)")

@@ -1,8 +1,9 @@
 """The disk tier: one directory per imported expert under `<home>/experts/NAME/` holding the expert
-image (image.bin + index.json), our model config, metadata and tokenizer files.
+image (image.bin + index.json), our model config, metadata and tokenizer files, and `cast/DTYPE/`, the
+image cast to another compute dtype, written the first time the expert runs in that dtype.
 
-Imports are written to a temporary directory beside the target and renamed into place at the end,
-so an interrupted or failed import leaves nothing half-written.
+Imports (and casts) are written to a temporary directory beside the target and renamed into place at
+the end, so an interrupted or failed import leaves nothing half-written.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from coeserve.formats import convert, image
 from coeserve.formats.checkpoint import Checkpoint, ImportError_
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-CONFIG_FILE, META_FILE, TOKENIZER_DIR = "config.json", "meta.json", "tokenizer"
+CONFIG_FILE, META_FILE, TOKENIZER_DIR, CAST_DIR = "config.json", "meta.json", "tokenizer", "cast"
 
 
 class ExpertNotFound(LookupError):
@@ -88,6 +89,47 @@ class DiskStore:
             return ModelConfig.from_dict(json.loads((self.path(name) / CONFIG_FILE).read_text()))
         except FileNotFoundError:
             raise ExpertNotFound(name) from None
+
+    def image_dir(self, name: str, dtype: str, on_cast: Callable[[str, str], None] | None = None) -> Path:
+        """The directory of `name`'s image in `dtype`: the imported one, or else its copy cast to `dtype`,
+        made on first use. Every tier then holds the very bytes the model runs on, so a switch stays one
+        copy and parameters stay views (a cast at bind time would allocate, and would read a slot that
+        the copier is still filling)."""
+        info = self.info(name)
+        if info.dtype == dtype:
+            return info.path
+        target = info.path / CAST_DIR / dtype
+        if not (target / image.INDEX_FILE).is_file():
+            if on_cast:
+                on_cast(name, dtype)
+            self._cast(name, target, dtype)
+        return target
+
+    def image_bytes(self, name: str, dtype: str) -> int:
+        """The size of `name`'s image in `dtype`, cast or not yet."""
+        info = self.info(name)
+        return info.bytes if info.dtype == dtype else image.cast_bytes(image.read_index(info.path), dtype)
+
+    def _cast(self, name: str, target: Path, dtype: str) -> None:
+        if dtype not in image.DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(image.DTYPES)})")
+        cfg, src = self.config(name), self.path(name)
+        target.parent.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dtype}.", dir=target.parent))
+        try:
+            index, buf = image.map_image(src)
+            views = image.tensor_views(buf, index)
+            cast = image.write_image(tmp, ((t.name, views[t.name]) for t in index.tensors), dtype,
+                                     lambda n: convert.layer_of(n, cfg))
+            (tmp / image.INDEX_FILE).write_text(cast.to_json())
+            tmp.chmod(0o755)
+            try:
+                tmp.rename(target)
+            except OSError:
+                if not (target / image.INDEX_FILE).is_file():  # else another process cast it first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def import_source(self, source: Path, name: str, dtype: str = "fp32",
                       progress: Callable[[int, int], None] | None = None, label: str | None = None) -> ExpertInfo:

@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from coeserve.config import ModelConfig, StoreConfig
 from coeserve.engine.engine import Expert
 from coeserve.engine.load import bind_image, load_codec, pick_device, pick_dtype
-from coeserve.formats.image import ImageIndex, read_index
+from coeserve.formats.image import ImageIndex, dtype_name, read_index
 from coeserve.models import build_model
 from coeserve.store.budget import resolve_budgets
 from coeserve.store.device import DeviceTier, Slot, Transfer
@@ -36,6 +37,7 @@ class _Entry:
     name: str
     index: ImageIndex
     cfg: ModelConfig
+    dir: Path  # where the image in the compute dtype lives
     host_off: int | None = None
     read: DiskRead | None = None  # the host copy: in flight, complete, or failed
     slot: Slot | None = None
@@ -55,7 +57,7 @@ class ExpertStore:
         self.disk, self.config, self.max_len, self._check_every = disk, config, max_len, check
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        self.budgets = resolve_budgets(config, disk, self.device)
+        self.budgets = resolve_budgets(config, disk, self.device, dtype_name(self.dtype))
         self.host = HostArena(self.budgets.host_bytes, pin=self.device.type == "cuda")
         self.dev = DeviceTier(self.device, self.budgets.device_slots, self.budgets.slot_bytes, config.chunk_bytes)
         self.pool = ThreadPoolExecutor(config.loaders, thread_name_prefix="coe-loader")
@@ -191,10 +193,15 @@ class ExpertStore:
         if e is None:
             if not self.disk.exists(name):
                 raise ExpertNotFound(name)
-            e = self._entries[name] = _Entry(name, read_index(self.disk.path(name)), self.disk.config(name))
+            e = self._entries[name] = _Entry(name, *self._image(name))
         elif e.read is None and e.slot is None and not e.busy:  # not resident: the files may be new
-            e.index, e.cfg = read_index(self.disk.path(name)), self.disk.config(name)
+            e.index, e.cfg, e.dir = self._image(name)
         return e
+
+    def _image(self, name: str) -> tuple[ImageIndex, ModelConfig, Path]:
+        """The index, config and directory of `name`'s image in the compute dtype (cast on first use)."""
+        d = self.disk.image_dir(name, dtype_name(self.dtype))
+        return read_index(d), self.disk.config(name), d
 
     def _host_ready(self, e: _Entry) -> bool:
         return e.read is not None and e.read.error is None
@@ -219,7 +226,7 @@ class ExpertStore:
             else:
                 raise StoreFull(f"no host memory free for expert {e.name!r} right now")
         e.host_off = off
-        e.read = DiskRead(self.disk.path(e.name), e.index, self.host.view(off, e.nbytes), self.pool,
+        e.read = DiskRead(e.dir, e.index, self.host.view(off, e.nbytes), self.pool,
                           self.config.read_block, self.config.direct_io, on_change=self._read_progress)
         if e.read.error is not None:
             err = e.read.error
