@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from coeserve import kernels
 from coeserve.config import EngineConfig, ModelConfig
 from coeserve.engine.kv_cache import KVCache
 from coeserve.engine.runner import Runner
@@ -42,8 +41,6 @@ class Engine:
         """`kv_spares`: KV memory of dropped engines; the cache takes one that is large enough, or makes a
         buffer of at least `kv_min_bytes`."""
         self.expert, self.config = expert, config
-        if expert.device.type == "cpu" and expert.dtype == torch.float32:
-            kernels.build()  # decode batches' matmuls (models/common.linear); kept after the first build
         self.max_len = self._max_len(expert.cfg, expert.model.max_len, config)
         self.kv = KVCache(expert.cfg, config.max_batch, self.max_len, expert.dtype, expert.device, kv_spares,
                           kv_min_bytes)

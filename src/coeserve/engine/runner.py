@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from coeserve import kernels
 from coeserve.engine.kv_cache import KVCache
 from coeserve.engine.sequence import Sequence
 from coeserve.models.common import Group, Layout
@@ -22,6 +23,10 @@ class Runner:
     def __init__(self, model, kv: KVCache, device: torch.device, fused: bool = False,
                  buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), static: bool | None = None):
         self.model, self.kv, self.device = model, kv, device
+        if device.type == "cpu" and kv.k[0].dtype == torch.float32:
+            # Every fp32 CPU step takes our kernels once they are built (models/common), so they are
+            # built before the first: a step's rounding must not depend on what ran earlier in the process.
+            kernels.build()
         self.fused = fused
         self.static = fused and (device.type == "cuda" if static is None else static)
         self.buckets = tuple(b for b in buckets if b < kv.num_slots) + (kv.num_slots,)
