@@ -29,7 +29,8 @@ from coeserve.engine.runner import Runner
 from coeserve.engine.sampler import sample
 from coeserve.engine.sequence import SamplingParams, Sequence
 from coeserve.formats import synthetic
-from coeserve.formats.image import IMAGE_FILE
+from coeserve.engine.load import pick_device, pick_dtype
+from coeserve.formats.image import IMAGE_FILE, dtype_name
 from coeserve.store.disk import DiskStore
 from coeserve.store.store import ExpertStore
 
@@ -90,15 +91,16 @@ def raw_read(path: Path, out: torch.Tensor, reps: int) -> float:
     return best
 
 
-def hf_dir(disk: DiskStore, name: str, out: Path) -> Path | None:
-    """The same weights as an HF Llama directory (config.json + model.safetensors), for (d) and (e)."""
+def hf_dir(disk: DiskStore, name: str, dtype: str, out: Path) -> Path | None:
+    """The same weights, in the same dtype, as an HF Llama directory (config.json + model.safetensors),
+    for (d) and (e)."""
     from safetensors.torch import save_file
 
     from coeserve.formats.image import load_image, tensor_views
     cfg = disk.config(name)
     if cfg.arch != "llama":
         return None
-    index, buf = load_image(disk.path(name))
+    index, buf = load_image(disk.image_dir(name, dtype))
     w, t = tensor_views(buf, index), {}
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     t["model.embed_tokens.weight"], t["model.norm.weight"] = w["embed.weight"], w["norm.weight"]
@@ -165,7 +167,8 @@ def first_token(st: ExpertStore, name: str, prompt: list[int], streamed: bool) -
 
 
 def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: int, tmp: Path) -> dict:
-    path, nbytes = disk.path(name) / IMAGE_FILE, disk.info(name).bytes
+    dtype = dtype_name(st.dtype)
+    path, nbytes = disk.image_dir(name, dtype) / IMAGE_FILE, disk.image_bytes(name, dtype)
     r = dict(zip(("a_raw_copy_s", "b_switch_s"), copy_and_switch(st, name, nbytes, reps)))
 
     def cold():
@@ -174,7 +177,7 @@ def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: 
         drop_cache(path)
     # The cold loads take turns, so a disk whose speed drifts (a shared virtual disk does) is seen the
     # same by each.
-    hf = hf_dir(disk, name, tmp / "hf")
+    hf = hf_dir(disk, name, dtype, tmp / "hf")
     runs = {"c_cold_load_s": lambda: timed(lambda: st.load(name).wait(), 1, cold),
             "g_raw_read_s": lambda: raw_read(path, scratch(st, nbytes), 1)}
     if hf is not None:
@@ -186,7 +189,7 @@ def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: 
         for k, seconds in runs.items():
             times[k].append(seconds())
     r.update({k: statistics.median(v) for k, v in times.items()})
-    prompt = [1 + (i * 7919) % 1000 for i in range(prompt_len)]
+    prompt = [1 + (i * 7919) % (min(1000, disk.config(name).vocab_size) - 1) for i in range(prompt_len)]
     st.load(name).wait()
     first_token(st, name, prompt, True)  # warm the kernels
     for label, evict in (("", lambda: st.evict(name, "device")), ("cold_", cold)):
@@ -201,17 +204,18 @@ def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: 
     return r
 
 
-def setup_expert(args, scratch: Path) -> tuple[DiskStore, str]:
+def setup_expert(args, dtype: str, scratch: Path) -> tuple[DiskStore, str]:
+    """The expert to move, in the compute dtype (cast once now if it was imported in another)."""
     if args.synthetic_shape:
         disk = DiskStore(scratch / "home")
         name = f"synthetic-{args.synthetic_shape}"
-        synthetic.install(disk, name, synthetic.synthetic_config(args.synthetic_shape), dtype=args.dtype)
+        synthetic.install(disk, name, synthetic.synthetic_config(args.synthetic_shape), dtype=dtype)
         return disk, name
     disk = DiskStore(Path(args.home) if args.home else default_home())
     if args.expert == "smollm2-135m-instruct" and not disk.exists(args.expert):
         from coeserve import catalog
         catalog.ensure(disk, [args.expert])
-    disk.info(args.expert)  # a clear error for an expert that is not installed
+    disk.image_dir(args.expert, dtype)  # a clear error for an expert that is not installed
     return disk, args.expert
 
 
@@ -219,7 +223,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="coe bench switch", description=__doc__.split("\n")[0])
     ap.add_argument("--expert", default="smollm2-135m-instruct")
     ap.add_argument("--synthetic-shape", choices=sorted(synthetic.SHAPES))
-    ap.add_argument("--dtype", default="bf16", help="stored dtype of a synthetic expert")
+    ap.add_argument("--dtype", default="auto", help="compute dtype (auto: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--home")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--reps", type=int, default=7)
@@ -227,10 +231,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="coe-bench-switch-", dir=os.environ.get("COE_BENCH_TMP")) as tmp:
-        disk, name = setup_expert(args, Path(tmp))
-        nbytes = disk.info(name).bytes
+        dtype = dtype_name(pick_dtype(args.dtype, pick_device(args.device)))
+        disk, name = setup_expert(args, dtype, Path(tmp))
+        nbytes = disk.image_bytes(name, dtype)
         cfg = StoreConfig(host_bytes=2 * nbytes, device_slots=1, slot_bytes=nbytes)
-        st = ExpertStore(disk, cfg, device=args.device, max_len=args.prompt_len + 8)
+        st = ExpertStore(disk, cfg, device=args.device, dtype=dtype, max_len=args.prompt_len + 8)
         try:
             r = measure(st, disk, name, args.reps, args.prompt_len, Path(tmp))
         finally:
