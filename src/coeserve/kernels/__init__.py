@@ -13,7 +13,8 @@ Built by torch.utils.cpp_extension with the system's C++ compiler on first use (
 build is kept under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and `make install` makes
 it). Where they cannot be built (no compiler), `build()` logs why once and the accessors return None;
 callers then use torch's ops, which give the same values up to rounding. The ops have shape functions,
-so compiled (torch.compile) steps can call them too.
+so compiled (torch.compile) steps can call them too. `COE_CPU_KERNELS=0` skips the build (a GPU machine
+whose CPU steps are only references in tests).
 """
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def build():
         if _tried:
             return small_linear()
         _tried = True
+        if os.environ.get("COE_CPU_KERNELS", "1") == "0":
+            log.info("coeserve kernels not built (COE_CPU_KERNELS=0)")
+            return None
         try:
             from torch.utils import cpp_extension
 

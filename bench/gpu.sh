@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU numbers and tests, in one command on a CUDA machine where only this checkout is at hand: it
+# runs from src/ with the machine's python3 and torch (nothing is installed), and needs neither the
+# built-in models nor the server's packages.
+#
+#   bash bench/gpu.sh [OUTDIR] [STEP ...]     # OUTDIR: default bench/results
+#
+# Steps, most important first (the default is the first three; each has its own time limit, so a short
+# lease still brings back the first ones, and each writes its log and JSON into OUTDIR at once):
+#   engine-b1  bench/engine.py at batch 1 on a 7B-shaped random Llama in bf16, fused and unfused
+#              (issue 2's targets: fused >= 70% of the HBM roofline, fused >= 2x unfused)
+#   tests      tests/test_gpu.py
+#   switch     bench/switch.py on the 7B shape, 3 repetitions (issue 3)
+#   engine     bench/engine.py at batches 1, 4, 8, 16 (each batch size is compiled and captured anew)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench/results}
+shift || true
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(engine-b1 tests switch)
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false COE_CPU_KERNELS=0  # the CPU runs only test references here
+
+tag=$($py - <<'EOF'
+import re, torch
+assert torch.cuda.is_available(), "no CUDA device"
+m = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", torch.cuda.get_device_name().replace("NVIDIA", ""))
+print(m.group(1).lower() if m else "gpu")
+EOF
+) || { echo "gpu.sh: needs python3 with torch and a CUDA device"; exit 1; }
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv
+  $py -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  nproc; } > "$out/gpu-$tag.txt" 2>&1
+
+step() {  # name, seconds, command...
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "== $name (at most ${limit} s): $*"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" > "$out/$name-$tag.log" 2>&1
+    local rc=$?
+    tail -n 25 "$out/$name-$tag.log"
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+for s in "${steps[@]}"; do
+    case $s in
+        engine-b1) step engine-b1 210 $py bench/engine.py --synthetic 7b --fused --batches 1 --out "$out/engine-$tag-b1.json" ;;
+        tests) step tests 150 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
+        switch) step switch 200 $py bench/switch.py --synthetic-shape 7b --reps 3 --out "$out/switch-$tag.json" ;;
+        engine) step engine 420 $py bench/engine.py --synthetic 7b --fused --batches 1,4,8,16 --out "$out/engine-$tag.json" ;;
+        *) echo "gpu.sh: unknown step $s (engine-b1, tests, switch, engine)"; exit 2 ;;
+    esac
+done
