@@ -222,6 +222,34 @@ def test_an_expert_stored_in_another_dtype_runs_from_a_cast_image(tmp_path, stor
     assert made[0] == made[1] and disk.info("x000").dtype == stored
 
 
+def test_a_reimport_between_index_and_read_loads_the_new_expert(tmp_path):
+    """A re-import swaps the expert's directory after the store read its index and before it opens the
+    image (the re-import runs at that moment, from inside the store): the store notices that image.bin
+    is another file and reads the new expert whole, instead of failing a sound expert on a checksum."""
+    disk = tiny_store(tmp_path, 1)
+    cfg = disk.config("x000")
+    other = DiskStore(tmp_path / "other")
+    synthetic.install(other, "x000", cfg, seed=99)
+    want = run(load_expert(other, "x000", device="cpu", max_len=64))
+    assert want != run(load_expert(disk, "x000", device="cpu", max_len=64))
+
+    class Racing(ExpertStore):
+        raced = False
+
+        def _image(self, name):
+            got = super()._image(name)
+            if not self.raced:
+                self.raced = True
+                synthetic.install(self.disk, name, cfg, seed=99)
+            return got
+    st = Racing(disk, StoreConfig(device_slots=1), device="cpu", max_len=64, check=True)
+    try:
+        with st.use("x000") as ex:
+            assert st.raced and run(ex) == want
+    finally:
+        st.close()
+
+
 def test_layer_streaming_starts_before_the_copy_ends(tmp_path):
     """A cold 4-layer expert read in small blocks: the forward pass runs its first part while later
     layers are still arriving, and the result is exact."""

@@ -33,6 +33,16 @@ class ImageError(ValueError):
     """A missing, truncated or corrupted image; the message names the file and the reason."""
 
 
+class ImageReplaced(ImageError):
+    """The image file is not the one whose index was read: the expert was re-imported in between."""
+
+
+def file_id(path: Path | int) -> tuple[int, int]:
+    """(device, inode) of a file, by path or open descriptor: which file, not which name."""
+    st = os.fstat(path) if isinstance(path, int) else os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     name: str

@@ -105,6 +105,22 @@ class DiskStore:
             self._cast(name, target, dtype)
         return target
 
+    def snapshot(self, name: str, dtype: str) -> tuple[image.ImageIndex, ModelConfig, Path, tuple[int, int] | None]:
+        """The index, config, directory and image file (`image.file_id`; None if missing) of `name`'s image
+        in `dtype`, read between two looks at which file image.bin is, so that all four belong to one
+        import even while a re-import swaps the expert's directory."""
+        for attempt in range(3):
+            try:
+                d = self.image_dir(name, dtype)
+                before = _file_id(d)
+                index, cfg = image.read_index(d), self.config(name)
+                if _file_id(d) == before:
+                    return index, cfg, d, before
+            except (image.ImageError, FileNotFoundError):
+                if attempt == 2:
+                    raise
+        raise image.ImageError(f"{self.path(name)}: replaced while being read, three times")
+
     def image_bytes(self, name: str, dtype: str) -> int:
         """The size of `name`'s image in `dtype`, cast or not yet."""
         info = self.info(name)
@@ -194,6 +210,13 @@ class DiskStore:
         meta = {"name": name, "arch": cfg.arch, "params": params, "dtype": dtype, "bytes": index.total_bytes,
                 "source": label, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (d / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def _file_id(directory: Path) -> tuple[int, int] | None:
+    try:
+        return image.file_id(directory / image.IMAGE_FILE)
+    except FileNotFoundError:
+        return None  # the reader reports it, naming the file
 
 
 def _counted(tensors, cfg: ModelConfig, progress):

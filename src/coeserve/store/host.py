@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from coeserve.formats.image import ImageError, ImageIndex, check_size, chunk_checksum
+from coeserve.formats.image import ImageError, ImageIndex, ImageReplaced, check_size, chunk_checksum, file_id
 
 PAGE = 4096
 
@@ -86,8 +86,10 @@ class DiskRead:
     `on_change` is called after every chunk, on a loader thread."""
 
     def __init__(self, directory: Path, index: ImageIndex, out: torch.Tensor, pool: Executor,
-                 block: int = 8 << 20, direct: bool = True, on_change=None):
-        self.path, self.index, self.out, self.block = directory / "image.bin", index, out, block
+                 block: int = 8 << 20, direct: bool = True, on_change=None, file: tuple[int, int] | None = None):
+        """`file`: the `file_id` of image.bin when its index was read; another file there now fails with
+        ImageReplaced (a re-import swapped the directory in between), not with a checksum mismatch."""
+        self.path, self.index, self.out, self.block, self.file = directory / "image.bin", index, out, block, file
         self.on_change = on_change
         self.prefix, self.error = 0, None
         self.started, self.seconds, self.counted = time.perf_counter(), 0.0, False
@@ -100,6 +102,11 @@ class DiskRead:
             if len(index.chunk_crcs) != n:
                 raise ImageError(f"{directory / 'index.json'}: {len(index.chunk_crcs)} checksums for {n} chunks")
             self._fd, self.direct = _open(self.path, direct and out.data_ptr() % PAGE == 0)
+            try:
+                self._check_file()
+            except ImageReplaced:
+                os.close(self._fd)
+                raise
         except (ImageError, OSError) as e:
             self._fail(e if isinstance(e, ImageError) else ImageError(f"{self.path}: {e.strerror}"))
             return
@@ -165,6 +172,10 @@ class DiskRead:
                 raise ImageError(f"{self.path}: ended after {pos} bytes (truncated while loading)")
             pos += n
 
+    def _check_file(self) -> None:
+        if self.file is not None and file_id(self._fd) != self.file:
+            raise ImageReplaced(f"{self.path}: replaced since its index was read (re-imported)")
+
     def _fallback(self) -> None:
         """O_DIRECT refused mid-read (some filesystems accept the flag, then not the read): buffered."""
         with self._lock:
@@ -172,6 +183,7 @@ class DiskRead:
                 self.direct = False
                 old, self._fd = self._fd, os.open(self.path, os.O_RDONLY)
                 os.close(old)
+                self._check_file()
 
     def _finish_chunk(self, i: int) -> None:
         with self._lock:

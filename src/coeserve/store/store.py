@@ -19,7 +19,7 @@ import torch
 from coeserve.config import ModelConfig, StoreConfig
 from coeserve.engine.engine import Expert
 from coeserve.engine.load import bind_image, load_codec, pick_device, pick_dtype
-from coeserve.formats.image import ImageIndex, dtype_name, read_index
+from coeserve.formats.image import ImageIndex, ImageReplaced, dtype_name
 from coeserve.models import build_model
 from coeserve.store.budget import resolve_budgets
 from coeserve.store.device import DeviceTier, Slot, Transfer
@@ -38,6 +38,7 @@ class _Entry:
     index: ImageIndex
     cfg: ModelConfig
     dir: Path  # where the image in the compute dtype lives
+    file: tuple[int, int] | None  # which file image.bin was when the index was read (None: missing)
     host_off: int | None = None
     read: DiskRead | None = None  # the host copy: in flight, complete, or failed
     slot: Slot | None = None
@@ -195,18 +196,25 @@ class ExpertStore:
                 raise ExpertNotFound(name)
             e = self._entries[name] = _Entry(name, *self._image(name))
         elif e.read is None and e.slot is None and not e.busy:  # not resident: the files may be new
-            e.index, e.cfg, e.dir = self._image(name)
+            e.index, e.cfg, e.dir, e.file = self._image(name)
         return e
 
-    def _image(self, name: str) -> tuple[ImageIndex, ModelConfig, Path]:
-        """The index, config and directory of `name`'s image in the compute dtype (cast on first use)."""
-        d = self.disk.image_dir(name, dtype_name(self.dtype))
-        return read_index(d), self.disk.config(name), d
+    def _image(self, name: str):
+        return self.disk.snapshot(name, dtype_name(self.dtype))
 
     def _host_ready(self, e: _Entry) -> bool:
         return e.read is not None and e.read.error is None
 
     def _ensure_host(self, e: _Entry, wait: bool) -> None:
+        for attempt in range(3):
+            try:
+                return self._start_read(e, wait)
+            except ImageReplaced:  # re-imported since its index was read: read the new one
+                if attempt == 2 or e.slot is not None:
+                    raise
+                e.index, e.cfg, e.dir, e.file = self._image(e.name)
+
+    def _start_read(self, e: _Entry, wait: bool) -> None:
         while True:
             if self._host_ready(e):
                 return
@@ -226,8 +234,8 @@ class ExpertStore:
             else:
                 raise StoreFull(f"no host memory free for expert {e.name!r} right now")
         e.host_off = off
-        e.read = DiskRead(e.dir, e.index, self.host.view(off, e.nbytes), self.pool,
-                          self.config.read_block, self.config.direct_io, on_change=self._read_progress)
+        e.read = DiskRead(e.dir, e.index, self.host.view(off, e.nbytes), self.pool, self.config.read_block,
+                          self.config.direct_io, on_change=self._read_progress, file=e.file)
         if e.read.error is not None:
             err = e.read.error
             self._drop_host(e)
