@@ -36,6 +36,11 @@ class Runner:
     def bind(self, model) -> None:
         """Step a model object bound to the same kind of weights elsewhere (another device slot); its
         compiled step is made once per model object, which lives as long as its slot."""
+        if self.fused:
+            # A slot's model object is rebound to each expert that enters the slot: its weights are new
+            # tensor objects at the same addresses, unmarked, and a graph compiled for a new bucket
+            # would take them as ordinary inputs (on CUDA, copied into the graph at every replay).
+            self._mark(model)
         if model is not self.model:
             self.model = model
             if not self.fused:
@@ -51,7 +56,18 @@ class Runner:
         # One graph per (batch bucket, length bucket): allow that many before dynamo gives up.
         limit = len(self.buckets) * (self.kv.max_len // LEN_BUCKET + 1)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
-        for t in list(self.model.w.values()) + self.kv.k + self.kv.v:
+        self._mark(self.model)
+        if self.device.type == "cuda":
+            return torch.compile(self.model, mode="reduce-overhead", dynamic=not self.static)
+        # On CPU the step's wrapper (buffers, kernel calls) is C++ too: a batch-1 SmolLM2 step spent
+        # about 4 ms of ~45 in the Python one.
+        return torch.compile(self.model, dynamic=not self.static,
+                             options={"max_autotune": True, "cpp_wrapper": True})
+
+    def _mark(self, model) -> None:
+        import torch._dynamo
+
+        for t in list(model.w.values()) + self.kv.k + self.kv.v:
             # Their shapes never change: with dynamic shapes their sizes would be symbols too, and the
             # generated matmul loops would check bounds inside the inner loop.
             torch._dynamo.mark_static(t)
@@ -59,12 +75,6 @@ class Runner:
                 # Weights (views into a slot) and the KV cache never move: CUDA graphs may read them in
                 # place instead of copying them into graph-owned buffers each replay.
                 torch._dynamo.mark_static_address(t)
-        if self.device.type == "cuda":
-            return torch.compile(self.model, mode="reduce-overhead", dynamic=not self.static)
-        # On CPU the step's wrapper (buffers, kernel calls) is C++ too: a batch-1 SmolLM2 step spent
-        # about 4 ms of ~45 in the Python one.
-        return torch.compile(self.model, dynamic=not self.static,
-                             options={"max_autotune": True, "cpp_wrapper": True})
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, chunk: int) -> torch.Tensor | None:

@@ -251,6 +251,7 @@ class Decoder(nn.Module):
             x = self.block(i, x, step)
         if ready is not None:
             ready(self.cfg.num_layers)
+            self.layer_ready = None  # all of it has arrived: later steps may take the compiled path
         if layout is not None:
             x = x[0].index_select(0, layout.last)
         else:

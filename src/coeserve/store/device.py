@@ -52,8 +52,13 @@ class Transfer:
         self._wait(min(max(i + 1, 0), len(self.bounds) - 1))
 
     def wait(self) -> None:
-        """Until the whole image is in the slot."""
+        """Until the whole image is in the slot: on CUDA, until the copy has run on the GPU, not only
+        until its last event is queued (the slot may be evicted, and a timer read, after this)."""
         self._wait(len(self.bounds) - 1)
+        with self.cond:
+            self.cond.wait_for(lambda: self.complete or self.error is not None)
+        if self.error is not None:
+            raise self.error
 
     def _wait(self, k: int) -> None:
         with self.cond:
@@ -107,7 +112,9 @@ class DeviceTier:
                     t.error = e
                     t.cond.notify_all()
             t.finished = time.perf_counter()
-            t.complete = t.error is None
+            with t.cond:
+                t.complete = t.error is None
+                t.cond.notify_all()
             if t.error is None:
                 self.bytes_copied += t.index.total_bytes
                 self.copy_seconds += t.finished - t.started
