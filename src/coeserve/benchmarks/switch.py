@@ -209,7 +209,8 @@ def setup_expert(args, dtype: str, scratch: Path) -> tuple[DiskStore, str]:
     if args.synthetic_shape:
         disk = DiskStore(scratch / "home")
         name = f"synthetic-{args.synthetic_shape}"
-        synthetic.install(disk, name, synthetic.synthetic_config(args.synthetic_shape), dtype=dtype)
+        synthetic.install(disk, name, synthetic.synthetic_config(args.synthetic_shape), dtype=dtype,
+                          device=pick_device(args.device))
         return disk, name
     disk = DiskStore(Path(args.home) if args.home else default_home())
     if args.expert == "smollm2-135m-instruct" and not disk.exists(args.expert):

@@ -74,16 +74,20 @@ def random_image(cfg: ModelConfig, dtype: str = "fp32", seed: int = 0,
     return ImageIndex(tuple(entries), total, tuple(ends), 64 << 20, ()), buf
 
 
-def random_tensors(cfg: ModelConfig, seed: int = 0):
+def random_tensors(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu"):
     """(name, tensor) in image order, the same distribution as random_image, for writing to disk."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, shape in param_shapes(cfg):
         if len(shape) == 1:
-            yield name, 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            yield name, 1.0 + 0.1 * torch.randn(shape, generator=gen, device=device)
         else:
-            yield name, torch.randn(shape, generator=gen) * shape[-1] ** -0.5
+            yield name, torch.randn(shape, generator=gen, device=device) * shape[-1] ** -0.5
 
 
-def install(store, name: str, cfg: ModelConfig, seed: int = 0, dtype: str = "fp32"):
-    """Write a random-weight expert into a DiskStore (no tokenizer: token ids in and out)."""
-    return store.add(name, cfg, random_tensors(cfg, seed), dtype, f"synthetic (seed {seed})")
+def install(store, name: str, cfg: ModelConfig, seed: int = 0, dtype: str = "fp32",
+            device: str | torch.device = "cpu"):
+    """Write a random-weight expert into a DiskStore (no tokenizer: token ids in and out). The numbers
+    are drawn on `device` (a GPU draws a 7B expert's in a moment, a CPU core in about a minute), so the
+    same seed gives other weights on another kind of device."""
+    tensors = ((n, t.to(DTYPES[dtype]).cpu()) for n, t in random_tensors(cfg, seed, device))
+    return store.add(name, cfg, tensors, dtype, f"synthetic (seed {seed})")
