@@ -329,6 +329,33 @@ def test_concurrent_first_requests_load_a_tokenizer_once(store, built):
     assert state.codecs[GEMMA] is not state.codecs[SMOL]
 
 
+def test_a_bf16_server_over_fp32_images_answers_as_the_bf16_engine(store, tmp_path):
+    """`coe serve --dtype bf16` over an expert imported in fp32 casts it once, at start, and answers what
+    our bf16 engine answers (before the cast, a bind-time cast read the slot while it was being filled)."""
+    import shutil
+
+    from coeserve.config import EngineConfig
+    from coeserve.engine.engine import Engine
+    from coeserve.engine.load import load_expert
+    from coeserve.engine.sequence import SamplingParams
+    from coeserve.store.disk import DiskStore
+
+    disk = DiskStore(tmp_path / "home")
+    shutil.copytree(store.path(SMOL), disk.path(SMOL))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ref = load_expert(disk, SMOL, device="cpu", dtype="bf16", max_len=512)
+    want = Engine(ref, EngineConfig(max_batch=1, max_seq_len=512)).generate(
+        [ref.codec.chat_prompt(question)[0]], SamplingParams(max_tokens=12, temperature=0))[0]
+    srv = Live(disk.home, tmp_path, dtype="bf16", experts=[SMOL]).wait_ready()
+    try:
+        r = ask(srv.client(key=None))
+        assert (r.choices[0].message.content, r.usage.completion_tokens) == (want.text, len(want.output_ids))
+        assert (disk.path(SMOL) / "cast" / "bf16" / "image.bin").is_file() and disk.info(SMOL).dtype == "fp32"
+    finally:
+        srv.stop()
+    assert f"casting {SMOL} to bf16" in srv.proc.stdout.read()
+
+
 def test_serve_settings_dtype_and_max_wait(tmp_path):
     from coeserve.server.serve import ServeConfig, load_config
 
