@@ -16,8 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve as serve_bench  # noqa: E402 - bench/serve.py: the workload and its driver
+from coeserve.benchmarks.workload import drive, make_home, wait_ready, workload
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,9 +36,9 @@ def measure(home: Path, replicas: int, reqs: list[dict], slots: int, host_memory
     base = f"http://127.0.0.1:{port}"
     proc = run_cluster(home, replicas, port, slots, host_memory)
     try:
-        serve_bench.wait_ready(base, proc)
-        asyncio.run(serve_bench.drive(base, reqs[:replicas * 2]))  # every replica up before the clock starts
-        res = asyncio.run(serve_bench.drive(base, reqs))
+        wait_ready(base, proc)
+        asyncio.run(drive(base, reqs[:replicas * 2]))  # every replica up before the clock starts
+        res = asyncio.run(drive(base, reqs))
         span = max(r["end"] for r in res) - min(r["start"] for r in res)
         ttft = sorted(r["ttft"] for r in res)
         return {"throughput_rps": len(res) / span, "makespan_s": span, "ttft_p50_s": ttft[len(ttft) // 2]}
@@ -68,8 +67,8 @@ def main(argv=None) -> int:
     from coeserve.benchmarks.common import device_name, write_result
     from coeserve.config import default_home
     with tempfile.TemporaryDirectory(prefix="coe-bench-cluster-") as tmp:
-        experts = serve_bench.make_home(Path(tmp), args.synthetic, Path(args.home) if args.home else default_home())
-        reqs = serve_bench.workload(experts, args.requests, args.rate, args.zipf, seed=1)
+        experts = make_home(Path(tmp), args.synthetic, Path(args.home) if args.home else default_home())
+        reqs = workload(experts, args.requests, args.rate, args.zipf, seed=1)
         result = {"bench": "cluster", "device": device_name(torch.device("cpu")), "experts": len(experts),
                   "requests": args.requests, "rate": args.rate, "zipf": args.zipf, "threads_per_replica": 1,
                   "device_slots_per_replica": args.device_slots, "host_memory_per_replica": args.host_memory}

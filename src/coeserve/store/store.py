@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from coeserve.config import ModelConfig, StoreConfig
 from coeserve.engine.engine import Expert
 from coeserve.engine.load import bind_image, load_codec, pick_device, pick_dtype
