@@ -221,6 +221,20 @@ def test_an_expert_stored_in_another_dtype_runs_from_a_cast_image(tmp_path, stor
     assert made[0] == made[1] and disk.info("x000").dtype == stored
 
 
+def test_a_cast_that_cannot_be_written_is_a_clear_error(tmp_path):
+    disk = tiny_store(tmp_path, 2)
+    (disk.path("x000") / "cast").write_text("")  # where the cast's directory would go
+    st = ExpertStore(disk, StoreConfig(device_slots=1), device="cpu", dtype="bf16", max_len=64, check=True)
+    try:
+        with pytest.raises(ImageError, match=r"x000/cast/bf16: cannot write expert 'x000' cast to bf16 .*"
+                                             r"run it in fp32 \(--dtype fp32\) or re-import it with --dtype bf16"):
+            st.load("x000")
+        with st.use("x001") as ex:  # the others still run
+            assert ex.dtype == torch.bfloat16 and len(run(ex)) == GREEDY.max_tokens
+    finally:
+        st.close()
+
+
 def test_a_reimport_between_index_and_read_loads_the_new_expert(tmp_path):
     """A re-import swaps the expert's directory after the store read its index and before it opens the
     image (the re-import runs at that moment, from inside the store): the store notices that image.bin

@@ -102,7 +102,12 @@ class DiskStore:
         if not (target / image.INDEX_FILE).is_file():
             if on_cast:
                 on_cast(name, dtype)
-            self._cast(name, target, dtype)
+            try:
+                self._cast(name, target, dtype)
+            except OSError as e:
+                raise image.ImageError(f"{target}: cannot write expert {name!r} cast to {dtype} ({e.strerror or e}); "
+                                       f"run it in {info.dtype} (--dtype {info.dtype}) or re-import it with "
+                                       f"--dtype {dtype}") from None
         return target
 
     def snapshot(self, name: str, dtype: str) -> tuple[image.ImageIndex, ModelConfig, Path, tuple[int, int] | None]:
