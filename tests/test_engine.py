@@ -249,6 +249,37 @@ def test_fused_mode_matches_unfused():
     assert alone[0] == alone[1] == runs[1][1]
 
 
+def test_static_fused_steps_over_slots_with_gaps_match_unfused():
+    """The static-shape compiled step (CUDA's) runs row i as slot i and the rows of free slots as
+    padding: as sequences in low slots finish and a waiting one takes a freed slot, every sequence still
+    gets the eager engine's tokens."""
+    from coeserve.engine.engine import Expert
+    from coeserve.engine.load import bind_image
+    from coeserve.formats.synthetic import random_image, synthetic_config
+    from coeserve.models import build_model
+
+    cfg = synthetic_config("tiny")
+    index, buf = random_image(cfg, seed=2)
+    model = build_model(cfg, max_len=512)
+    bind_image(model, buf, index, torch.float32)
+    expert = Expert("tiny", cfg, model, None, torch.device("cpu"), torch.float32)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [20, 21], [30, 31, 32], [40, 41, 42, 43, 44]]
+    budgets = [3, 6, 4, 16, 5]  # slots 0-2 finish while slot 3 runs; the fifth takes slot 0
+
+    def run(**kw) -> tuple[list[list[int]], bool]:
+        eng = Engine(expert, EngineConfig(max_batch=4, max_seq_len=512, **kw))
+        seqs = [eng.add(eng.make_sequence(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)))
+                for p, m in zip(prompts, budgets)]
+        gapped = False
+        while eng.has_work:
+            slots = sorted(s.slot for s in eng.running)
+            gapped |= bool(slots) and not eng.prefilling and slots != list(range(slots[0], slots[0] + len(slots)))
+            eng.step()
+        return [s.output_ids for s in seqs], gapped
+    (eager, _), (static, gapped) = run(), run(fused=True, static_shapes=True)
+    assert gapped and static == eager and [len(o) for o in static] == budgets
+
+
 @pytest.mark.parametrize("which", ["smol", "gemma"])
 def test_a_batch_with_gaps_in_its_slots_decodes_as_each_alone(which, request):
     """When a sequence in the middle of the slots finishes, the others decode over the slot range with

@@ -1,6 +1,5 @@
 """The KV cache: per layer, one [slots, kv_heads, max_len, head_dim] tensor for keys and one for values,
-allocated once. A sequence owns a slot for its life; its token at position p lives at index p. One extra slot
-(`scratch`) takes the writes of padding rows when a fused decode runs a batch padded to a fixed size.
+allocated once. A sequence owns a slot for its life; its token at position p lives at index p.
 
 The tensors may be carved from a byte buffer an earlier cache no longer needs (`spares=`), so a server
 that makes caches for expert after expert zeroes its memory once, not at every switch. Positions a
@@ -21,7 +20,7 @@ class KVCache:
                  spares: list[torch.Tensor] | None = None, min_bytes: int = 0):
         """`spares`: byte buffers of dropped caches; the smallest that is large enough is taken from it.
         Without one, a new buffer of at least `min_bytes` (so that it may serve a larger cache later)."""
-        shape = (num_slots + 1, cfg.num_kv_heads, max_len, cfg.head_dim)
+        shape = (num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
         n = 2 * cfg.num_layers
         need = KVCache.nbytes(cfg, num_slots, max_len, dtype)
         where = torch.empty(0, device=device).device  # "cuda" and "cuda:0" alike
@@ -34,14 +33,14 @@ class KVCache:
         self.buffer = buffer
         views = buffer[:need].view(dtype).view(n, *shape).unbind(0)
         self.k, self.v = list(views[0::2]), list(views[1::2])
-        self.num_slots, self.max_len, self.scratch = num_slots, max_len, num_slots
+        self.num_slots, self.max_len = num_slots, max_len
         self.free = list(range(num_slots))
         self.read_len = max_len
         self.span: tuple[int, int] | None = None  # slots lo..hi when the step's slots are contiguous
 
     @staticmethod
     def nbytes(cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype) -> int:
-        return 2 * cfg.num_layers * (num_slots + 1) * cfg.num_kv_heads * max_len * cfg.head_dim * dtype.itemsize
+        return 2 * cfg.num_layers * num_slots * cfg.num_kv_heads * max_len * cfg.head_dim * dtype.itemsize
 
     def allocate(self) -> int:
         if not self.free:

@@ -3,7 +3,7 @@ decodes a batch and prefills prompt chunks together, or one chunk of one prompt.
 the decode step with torch.compile (and CUDA graphs on CUDA).
 
 With `static=True` (the default for fused mode on CUDA, where CUDA graphs need it) a step has static
-shapes: the batch is padded up to a bucket size (padding rows write to the cache's scratch slot) and the
+shapes: row i is slot i for the first bucket-size slots (the rows of free slots are padding) and the
 attended length is rounded up to a multiple of LEN_BUCKET, so a few graphs, captured once each, serve
 every step. On CPU the compiled step keeps dynamic shapes, which measured faster (docs/engine.md)."""
 from __future__ import annotations
@@ -140,17 +140,32 @@ class Runner:
         step = self.model if self.model.layer_ready is not None else self._decode
         if step is self.model and KVCache.span_of(slots) is None:
             return self.packed(seqs, [])  # gaps in the slots: attend over their range (_single_token_group)
-        if self.static:
-            pad = next(b for b in self.buckets if b >= len(seqs)) - len(seqs)
-            tokens, positions, slots = tokens + [0] * pad, positions + [0] * pad, slots + [self.kv.scratch] * pad
-            read_len = min(-(-read_len // LEN_BUCKET) * LEN_BUCKET, self.kv.max_len)
+        if self.static and step is not self.model:
+            return self._static_decode(step, seqs, read_len)
         self.kv.set_step(slots, read_len, views=not self.static)
         # While a switch is still streaming layers in, the eager model waits on each one; the compiled
         # step (and its CUDA graphs) runs once the whole expert is in its slot.
         logits = step(torch.tensor(tokens, device=self.device)[:, None],
-                              torch.tensor(positions, device=self.device)[:, None],
-                              torch.tensor(slots, device=self.device), self.kv)
+                      torch.tensor(positions, device=self.device)[:, None],
+                      torch.tensor(slots, device=self.device), self.kv)
         return logits[: len(seqs)]
+
+    def _static_decode(self, step, seqs: list[Sequence], read_len: int) -> torch.Tensor:
+        """The compiled step at a static shape: row i is slot i for the first `bucket` slots, so every
+        layer reads its keys as a view of the cache (a gather of every row's keys would move about 2 GB a
+        step at batch 16 on a 7B model), and the attended length is rounded up to LEN_BUCKET. In a
+        decode-only step every slot without a running sequence is free (a sequence still being prefilled
+        makes the step a packed one), so the rows of those slots are padding and write only there, at
+        position 0, which a sequence that takes the slot later overwrites first."""
+        bucket = next(b for b in self.buckets if b > max(s.slot for s in seqs))
+        tokens, positions = [0] * bucket, [0] * bucket
+        for s in seqs:
+            tokens[s.slot], positions[s.slot] = s.last_token, s.length - 1
+        self.kv.set_step(list(range(bucket)), min(-(-read_len // LEN_BUCKET) * LEN_BUCKET, self.kv.max_len))
+        dev = self.device
+        logits = step(torch.tensor(tokens, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None],
+                      torch.arange(bucket, device=dev), self.kv)
+        return logits.index_select(0, torch.tensor([s.slot for s in seqs], device=dev))
 
     def _src(self, src: list[int]) -> slice | torch.Tensor:
         """A group's packed tokens: a slice when they are a run, else an index."""
