@@ -360,8 +360,9 @@ def test_serve_settings_dtype_and_max_wait(tmp_path):
     from coeserve.server.serve import ServeConfig, load_config
 
     toml = tmp_path / "coe.toml"
-    toml.write_text('[server]\ndtype = "bf16"\nmax_wait = 30.0\n')
-    assert (load_config(str(toml), {}).dtype, load_config(str(toml), {}).max_wait) == ("bf16", 30.0)
+    toml.write_text('[server]\ndtype = "bf16"\nmax_wait = 30.0\nfused = true\n')
+    cfg = load_config(str(toml), {"fused": None})  # --fused not given: the file's value stands
+    assert (cfg.dtype, cfg.max_wait, cfg.fused) == ("bf16", 30.0, True) and not ServeConfig().fused
     assert load_config(str(toml), {"dtype": "fp32", "max_wait": None}).dtype == "fp32"  # flags win
     assert ServeConfig().dtype == "auto" and ServeConfig().max_wait == 5.0
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):

@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.add_argument("--dtype", choices=COMPUTE_DTYPES,
                    help="compute dtype (auto: fp32 on CPU, bf16 on CUDA); an expert stored in another dtype is cast once, on disk")
+    s.add_argument("--fused", action="store_true", default=None,
+                   help="decode steps through torch.compile (CUDA graphs on CUDA), one compiled step per device "
+                        "slot shared by the experts that use it; each new shape compiles once (minutes on a CPU)")
     _tier_options(s, verbose=False)
     s.add_argument("--ray", action="store_true", help="run as a Ray Serve app (pip install coeserve[ray])")
     s.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
@@ -251,7 +254,7 @@ def cmd_serve(args) -> None:
     from coeserve.server.serve import load_config, run
 
     names = ("host", "port", "api_key", "router", "schedule", "max_batch", "max_seq_len", "max_wait", "device",
-             "dtype", "host_memory", "device_slots", "policy")
+             "dtype", "fused", "host_memory", "device_slots", "policy")
     over = {n: getattr(args, n) for n in names}
     over["home"] = args.home
     over["experts"] = tuple(args.experts.split(",")) if args.experts else None

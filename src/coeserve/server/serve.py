@@ -32,6 +32,7 @@ class ServeConfig:
     max_body: int = 1 << 20
     device: str = "auto"
     dtype: str = "auto"  # compute dtype: fp32 on CPU, bf16 on CUDA; an image in another dtype is cast once
+    fused: bool = False  # decode steps through torch.compile (and CUDA graphs on CUDA)
 
     def __post_init__(self):
         if self.dtype not in COMPUTE_DTYPES:
@@ -93,7 +94,7 @@ def build_node(cfg: ServeConfig, disk, metrics=None, experts: list[str] = ()):
                             device_slots=cfg.device_slots, policy=cfg.policy)
     store = ExpertStore(disk, store_cfg, device=cfg.device, dtype=cfg.dtype, max_len=cfg.max_seq_len)
     engine_cfg = EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, device=cfg.device,
-                              dtype=cfg.dtype)
+                              dtype=cfg.dtype, fused=cfg.fused)
     sched = Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=metrics)
     sched.reserve_kv(list(experts))
     return store, sched
