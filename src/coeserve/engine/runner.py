@@ -4,8 +4,8 @@ the decode step with torch.compile (and CUDA graphs on CUDA).
 
 With `static=True` (the default for fused mode on CUDA, where CUDA graphs need it) a step has static
 shapes: row i is slot i for the first bucket-size slots (the rows of free slots are padding) and the
-attended length is rounded up to a multiple of LEN_BUCKET, so a few graphs, captured once each, serve
-every step. On CPU the compiled step keeps dynamic shapes, which measured faster (docs/engine.md)."""
+attended length is rounded up to a multiple of LEN_BUCKET, so a few CUDA graphs, recorded once each,
+serve every step. On CPU the compiled step keeps dynamic shapes, which measured faster (docs/engine.md)."""
 from __future__ import annotations
 
 import torch
@@ -53,15 +53,18 @@ class Runner:
     def _compile(self):
         import torch._dynamo
 
-        # One graph per (batch bucket, length bucket): allow that many before dynamo gives up.
+        # A static step compiles for its first batch bucket and for batch 1, and at a second bucket dynamo
+        # makes the batch symbolic (dynamic=None): one compile more, not one per bucket (a 7B model takes
+        # about a minute each). The attended length is an int input, not a guard. CUDA graphs are still
+        # recorded per shape. The limit bounds what dynamo keeps in any case.
         limit = len(self.buckets) * (self.kv.max_len // LEN_BUCKET + 1)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
         self._mark(self.model)
         if self.device.type == "cuda":
-            return torch.compile(self.model, mode="reduce-overhead", dynamic=not self.static)
+            return torch.compile(self.model, mode="reduce-overhead", dynamic=None if self.static else True)
         # On CPU the step's wrapper (buffers, kernel calls) is C++ too: a batch-1 SmolLM2 step spent
         # about 4 ms of ~45 in the Python one.
-        return torch.compile(self.model, dynamic=not self.static,
+        return torch.compile(self.model, dynamic=None if self.static else True,
                              options={"max_autotune": True, "cpp_wrapper": True})
 
     def _mark(self, model) -> None:
