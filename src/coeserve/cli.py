@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=COMPUTE_DTYPES,
                    help="compute dtype (auto: fp32 on CPU, bf16 on CUDA); an expert stored in another dtype is cast once, on disk")
     s.add_argument("--fused", action="store_true", default=None,
-                   help="decode steps through torch.compile (CUDA graphs on CUDA), one compiled step per device "
-                        "slot shared by the experts that use it; each new shape compiles once (minutes on a CPU)")
+                   help="decode steps through torch.compile (CUDA graphs on CUDA), one compiled step per model "
+                        "config shared by its experts, compiled before the server is ready (minutes on a CPU)")
     _tier_options(s, verbose=False)
     s.add_argument("--ray", action="store_true", help="run as a Ray Serve app (pip install coeserve[ray])")
     s.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")

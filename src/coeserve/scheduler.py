@@ -24,7 +24,7 @@ from typing import Callable
 
 from coeserve.config import EngineConfig
 from coeserve.engine.engine import Engine
-from coeserve.engine.sequence import Sequence
+from coeserve.engine.sequence import SamplingParams, Sequence
 
 
 class QueueFull(RuntimeError):
@@ -77,6 +77,32 @@ class Scheduler:
             self._kv_bytes = max(self._kv_bytes, need)
         for _ in range(min(len(self.store.dev.slots) + 2, len(experts)) - len(self._kv_spare)):
             self._kv_spare.append(torch.zeros(self._kv_bytes, dtype=torch.uint8, device=self.store.device))
+
+    def warm_up(self, experts: list[str]) -> int:
+        """Fused mode, before serving: run the compiled decode step once per model config among `experts`
+        (the experts of a config share it) for one sequence and for two (the batch then turns symbolic),
+        so that no request waits on a compile (minutes on a CPU). Returns how many configs it compiled."""
+        if not self.config.fused:
+            return 0
+        done = []
+        for name in experts:
+            cfg = self.store.disk.config(name)
+            if cfg in done:
+                continue
+            done.append(cfg)
+            expert = self.store.acquire(name)
+            try:
+                engine = self.engines.get(name)
+                if engine is None:
+                    engine = self._new_engine(name, expert)  # the loop's, kept
+                else:
+                    engine.bind(expert)
+                params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+                for n in (1, 2):  # a prefill step (eager) and two decode steps (compiled)
+                    engine.generate([[1, 1]] * n, params)
+            finally:
+                self.store.release(name)
+        return len(done)
 
     def submit(self, req: Request) -> None:
         with self._lock:

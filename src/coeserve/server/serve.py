@@ -97,6 +97,9 @@ def build_node(cfg: ServeConfig, disk, metrics=None, experts: list[str] = ()):
                               dtype=cfg.dtype, fused=cfg.fused)
     sched = Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=metrics)
     sched.reserve_kv(list(experts))
+    if cfg.fused:
+        print("coeserve: compiling the decode step (--fused), once per model config", flush=True)
+        sched.warm_up(list(experts))
     return store, sched
 
 
