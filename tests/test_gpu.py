@@ -127,3 +127,37 @@ def test_store_on_cuda_switches_exactly(tmp_path, stored):
                 assert run(ex) == want[n], n
     finally:
         st.close()
+
+
+def test_fused_serving_on_cuda_switches_exactly(tmp_path):
+    """`coe serve --fused` on CUDA: experts take turns in one slot and share its compiled step, whose CUDA
+    graphs must be recorded again for each expert's weights and KV cache. One request at a time, each
+    gets what that expert's own fused engine gives."""
+    from coeserve.config import StoreConfig
+    from coeserve.scheduler import Scheduler
+    from coeserve.store.store import ExpertStore
+    from tests.test_scheduler import PROMPT, Log
+
+    disk = DiskStore(tmp_path / "home")
+    cfg = synthetic.synthetic_config("tiny", num_layers=4)
+    for i in range(3):
+        synthetic.install(disk, f"f{i}", cfg, seed=10 + i, dtype="bf16")
+    config = EngineConfig(max_batch=4, max_seq_len=128, fused=True)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = {n: Engine(load_expert(disk, n, device="cuda", dtype="bf16", max_len=128), config)
+            .generate([PROMPT], params)[0].output_ids for n in disk.names()}
+    assert len({tuple(w) for w in want.values()}) == 3
+    st = ExpertStore(disk, StoreConfig(device_slots=1), device="cuda", dtype="bf16", max_len=128, check=True)
+    s = Scheduler(st, config, policy="fcfs")
+    try:
+        s.warm_up(disk.names())
+        s.start()
+        log = Log()
+        for k, n in enumerate(["f0", "f1", "f2", "f0", "f2", "f1"]):
+            req = log.request(n, 8)
+            s.submit(req)
+            log.wait(k + 1)
+            assert req.seq.output_ids == want[n], n
+    finally:
+        s.stop()
+        st.close()
