@@ -25,11 +25,11 @@ import torch
 from coeserve.benchmarks.common import device_name, drop_cache, sync, write_result
 from coeserve.config import StoreConfig, default_home
 from coeserve.engine.kv_cache import KVCache
+from coeserve.engine.load import pick_device, pick_dtype
 from coeserve.engine.runner import Runner
 from coeserve.engine.sampler import sample
 from coeserve.engine.sequence import SamplingParams, Sequence
 from coeserve.formats import synthetic
-from coeserve.engine.load import pick_device, pick_dtype
 from coeserve.formats.image import IMAGE_FILE, dtype_name
 from coeserve.store.disk import DiskStore
 from coeserve.store.store import ExpertStore
