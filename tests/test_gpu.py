@@ -1,5 +1,5 @@
 """CUDA paths: bf16 on the device agrees with fp32 on the CPU, fused decode (torch.compile + CUDA
-graphs, batches padded to static buckets) agrees with unfused, and the store switches exactly. Skipped
+graphs, static shapes) agrees with unfused, the store switches exactly, and so does fused serving. Skipped
 without CUDA.
 
 The synthetic tests need nothing but torch: they run on a GPU machine where only the repository is at
