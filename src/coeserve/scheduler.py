@@ -92,11 +92,7 @@ class Scheduler:
             done.append(cfg)
             expert = self.store.acquire(name)
             try:
-                engine = self.engines.get(name)
-                if engine is None:
-                    engine = self._new_engine(name, expert)  # the loop's, kept
-                else:
-                    engine.bind(expert)
+                engine = self._engine(name, expert)  # the loop's, kept
                 params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
                 for n in (1, 2):  # a prefill step (eager) and two decode steps (compiled)
                     engine.generate([[1, 1]] * n, params)
@@ -207,11 +203,14 @@ class Scheduler:
         self.switches += 1
         if self.metrics:
             self.metrics.switch(name)
+        return self._engine(name, expert)
+
+    def _engine(self, name: str, expert) -> Engine:
+        """`name`'s engine, kept across switches (made at its first), stepping the acquired `expert`."""
         engine = self.engines.get(name)
         if engine is None:
-            engine = self._new_engine(name, expert)
-        else:
-            engine.bind(expert)
+            return self._new_engine(name, expert)
+        engine.bind(expert)
         return engine
 
     def _new_engine(self, name: str, expert) -> Engine:

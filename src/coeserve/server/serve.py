@@ -81,18 +81,16 @@ def open_experts(cfg: ServeConfig):
 
 def build_node(cfg: ServeConfig, disk, metrics=None, experts: list[str] = ()):
     """The three tiers and the engine loop of one device (with KV memory for `experts` made ready)."""
-    from coeserve.engine.load import pick_device, pick_dtype
     from coeserve.formats.image import dtype_name
     from coeserve.scheduler import Scheduler
     from coeserve.store.store import ExpertStore
 
-    dtype = dtype_name(pick_dtype(cfg.dtype, pick_device(cfg.device)))
-    for name in experts:  # an expert stored in another dtype is cast once, now rather than on a request
-        disk.image_dir(name, dtype, on_cast=lambda n, d: print(f"coeserve: casting {n} to {d} (once; kept on disk)",
-                                                              flush=True))
     store_cfg = StoreConfig(host_bytes=parse_bytes(cfg.host_memory) if cfg.host_memory else None,
                             device_slots=cfg.device_slots, policy=cfg.policy)
     store = ExpertStore(disk, store_cfg, device=cfg.device, dtype=cfg.dtype, max_len=cfg.max_seq_len)
+    for name in experts:  # an expert stored in another dtype is cast once, now rather than on a request
+        disk.image_dir(name, dtype_name(store.dtype),
+                       on_cast=lambda n, d: print(f"coeserve: casting {n} to {d} (once; kept on disk)", flush=True))
     engine_cfg = EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, device=cfg.device,
                               dtype=cfg.dtype, fused=cfg.fused)
     sched = Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=metrics)
