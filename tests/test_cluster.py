@@ -95,6 +95,12 @@ def test_affinity_and_same_answers_as_one_node(cluster, smol):
     where = cluster.placement()
     assert len(where[SMOL]) == 1, where  # every repeat went to the replica that holds it
     assert set(answers) == {local_answer(smol, q, SamplingParams(max_tokens=16, temperature=0.8, seed=11))}
+    chunks = list(chat(cluster, SMOL, q, temperature=0.8, seed=11, stream=True, logprobs=True, top_logprobs=2))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    tokens = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    whole = chat(cluster, SMOL, q, temperature=0.8, seed=11, logprobs=True, top_logprobs=2).choices[0].logprobs
+    assert text == answers[0] == "".join(t.token for t in tokens) and len(tokens[0].top_logprobs) == 2
+    assert [t.token for t in whole.content] == [t.token for t in tokens]  # logprobs cross the node boundary
     models = {m.id: m for m in cluster.client.models.list().data}
     assert models[SMOL].model_extra["coe_replicas"] == sorted(where[SMOL])
 

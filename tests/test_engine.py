@@ -1,13 +1,17 @@
 """The engine on the real SmolLM2 expert: continuous batching, sampling, stop strings, limits, streaming."""
 from __future__ import annotations
 
+import collections
+import math
+
 import pytest
 import torch
 
 from coeserve.config import EngineConfig
 from coeserve.engine.engine import Engine, PromptTooLong
 from coeserve.engine.kv_cache import KVCache
-from coeserve.engine.sequence import SamplingParams
+from coeserve.engine.sampler import penalise
+from coeserve.engine.sequence import SamplingParams, Sequence
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -153,7 +157,65 @@ def test_top_k_one_is_greedy(engine, smol):
                                                  ignore_eos=True))[0].output_ids
     tiny_p = engine.generate([ids], SamplingParams(max_tokens=24, temperature=1.0, top_p=1e-6, seed=3,
                                                    ignore_eos=True))[0].output_ids
-    assert topk == greedy == tiny_p
+    full_min_p = engine.generate([ids], SamplingParams(max_tokens=24, temperature=1.5, min_p=1.0, seed=3,
+                                                       ignore_eos=True))[0].output_ids
+    assert topk == greedy == tiny_p == full_min_p
+
+
+def test_logprobs_are_the_models_own_and_do_not_depend_on_the_batch(engine, smol):
+    """Each output token's logprob and its top alternatives, as a decode step gives them, equal those a
+    fresh prefill of the same text gives (another code path); a neighbour that asks for none is unchanged."""
+    ids, hi = chat_ids(smol, "Name a large city."), chat_ids(smol, "hi")
+    plain = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    top5 = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=5)
+    [seq], [other] = engine.generate([ids], top5), engine.generate([hi], plain)  # each alone
+    both = [engine.add(engine.make_sequence(ids, top5)), engine.add(engine.make_sequence(hi, plain))]
+    engine.run_until_done()
+    assert both[1].output_ids == other.output_ids and both[1].logprobs == []
+    assert [x.token for x in seq.logprobs] == seq.output_ids == both[0].output_ids
+    for x, y in zip(seq.logprobs, both[0].logprobs):
+        assert abs(x.logprob - y.logprob) < 1e-4
+    for t, x in enumerate(seq.logprobs):
+        assert len(x.top) == 5 and x.top[0] == (x.token, x.logprob)  # greedy: the chosen one is the best
+        assert all(a[1] >= b[1] for a, b in zip(x.top, x.top[1:])) and x.logprob < 0
+        assert sum(math.exp(lp) for _, lp in x.top) <= 1 + 1e-5
+        if t in (0, 4, 9):
+            [ref] = engine.generate([ids + seq.output_ids[:t]], SamplingParams(max_tokens=1, temperature=0,
+                                                                               logprobs=5))
+            r = ref.logprobs[0]
+            assert r.token == x.token and [i for i, _ in r.top] == [i for i, _ in x.top]
+            assert max(abs(a - b) for (_, a), (_, b) in zip(r.top, x.top)) < 1e-3
+
+
+def test_penalties_pick_the_best_penalised_token(engine, smol):
+    """With OpenAI's frequency and presence penalties each greedy token beats every raw top-20
+    alternative once both are penalised by their counts so far; and the penalties change the output."""
+    ids = chat_ids(smol, "Write the word 'dog' twenty times.")
+    plain = engine.generate([ids], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0].output_ids
+    [seq] = engine.generate([ids], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=20,
+                                                  frequency_penalty=1.0, presence_penalty=0.5))
+    assert seq.output_ids != plain
+    penalty = lambda tok, before: before.count(tok) * 1.0 + (tok in before) * 0.5
+    for t, x in enumerate(seq.logprobs):
+        before = seq.output_ids[:t]
+        best = x.logprob - penalty(x.token, before)
+        assert all(best >= lp - penalty(i, before) - 1e-4 for i, lp in x.top)
+    rep = engine.generate([ids], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                repetition_penalty=1.5))[0].output_ids
+    assert rep != plain and max(collections.Counter(rep).values()) < max(collections.Counter(plain).values())
+
+
+def test_penalise_values():
+    row = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    seq = Sequence([0], SamplingParams(repetition_penalty=2.0))
+    seq.output_ids = [1, 3, 3]
+    penalise(row, seq)
+    assert row.tolist() == [1.0, -2.0, 0.5, 1.5]  # prompt and output tokens: positive halved, negative doubled
+    row = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    seq = Sequence([0], SamplingParams(frequency_penalty=0.5, presence_penalty=0.25))
+    seq.output_ids = [1, 3, 3]
+    penalise(row, seq)
+    assert row.tolist() == [2.0, -1.75, 0.5, 1.75]  # output tokens only: 0.5 per time, 0.25 once
 
 
 def test_stop_string_cuts_text(engine, smol):
@@ -215,7 +277,9 @@ def test_abort_frees_the_slot(engine, smol):
     engine.run_until_done()
 
 
-@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2)])
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2),
+                                 dict(min_p=1.5), dict(presence_penalty=3), dict(frequency_penalty=-2.5),
+                                 dict(repetition_penalty=0), dict(logprobs=21), dict(logprobs=-1)])
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -134,6 +134,47 @@ def test_stream_equals_non_stream(live):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
 
 
+def test_chat_logprobs_streamed_and_not(live):
+    """Each output token with its logprob, bytes and top alternatives; the tokens spell the answer, and a
+    stream carries the same tokens chunk by chunk."""
+    c = live.client()
+    r = ask(c, max_tokens=12, logprobs=True, top_logprobs=3)
+    content, lps = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert len(lps) == r.usage.completion_tokens and "Paris" in content
+    assert "".join(t.token for t in lps) == content == bytes(b for t in lps for b in t.bytes).decode()
+    for t in lps:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert (t.top_logprobs[0].token, t.top_logprobs[0].logprob) == (t.token, t.logprob)  # greedy
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    chunks = list(ask(c, max_tokens=12, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in lps]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(streamed, lps)) < 1e-3
+    assert ask(c).choices[0].logprobs is None and ask(c, logprobs=True).choices[0].logprobs.content[0].top_logprobs == []
+
+
+def test_completion_logprobs(live):
+    r = live.client().completions.create(model=GEMMA, prompt="The capital of France is", max_tokens=8,
+                                         temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == r.usage.completion_tokens
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for top, chosen in zip(lp.top_logprobs, lp.token_logprobs):
+        assert 1 <= len(top) <= 2 and max(top.values()) == chosen  # greedy: the chosen one is the best
+
+
+def test_penalties_and_sampling_extensions(live):
+    """OpenAI's penalties and vLLM's top_k, min_p and repetition_penalty (extra_body) reach the sampler."""
+    c = live.client()
+    q = "Write the word 'dog' twenty times."
+    plain = ask(c, content=q, max_tokens=24).choices[0].message.content
+    assert ask(c, content=q, max_tokens=24, frequency_penalty=1.0, presence_penalty=0.5).choices[0].message.content != plain
+    assert ask(c, content=q, max_tokens=24, extra_body={"repetition_penalty": 1.5}).choices[0].message.content != plain
+    greedy = ask(c, content=q, max_tokens=24, temperature=1.5, seed=1, extra_body={"top_k": 1}).choices[0].message.content
+    assert greedy == plain == ask(c, content=q, max_tokens=24, temperature=1.5, seed=1,
+                                  extra_body={"min_p": 1.0}).choices[0].message.content
+
+
 def test_routed_requests_name_their_expert_and_category(live):
     c = live.client()
     raw = c.chat.completions.with_raw_response.create(
@@ -179,6 +220,10 @@ def test_concurrent_requests_to_different_experts(live):
     ({"temperature": "hot"}, "temperature"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ({"top_logprobs": 3}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
 ])
 def test_invalid_fields_are_400(live, kw, needle):
     args = {"model": SMOL, "messages": [{"role": "user", "content": "hi"}], **kw}

@@ -39,6 +39,20 @@ def test_streamed_text_is_the_whole_decode(which, request):
 
 
 @pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_token_pieces_bytes_join_into_the_text(which, request):
+    """A token's (text, bytes) as logprobs show it: the bytes of a text's tokens join into the text, also
+    where a character is split across tokens (its tokens' text is then U+FFFD)."""
+    codec = request.getfixturevalue(which).codec
+    texts = TEXTS + ["a rare character: \U000e0041 (a tag letter), in bytes"]  # byte fallback in SentencePiece
+    for text in texts:
+        ids = codec.tok(text, add_special_tokens=False).input_ids
+        pieces = [codec.piece(t) for t in ids]
+        assert bytes(b for _, data in pieces for b in data).decode() == codec.decode(ids)
+        assert all(t == bytes(data).decode() for t, data in pieces if "\ufffd" not in t)
+    assert any("\ufffd" in codec.piece(t)[0] for text in texts for t in codec.tok(text).input_ids)
+
+
+@pytest.mark.parametrize("which", ["smol", "gemma"])
 def test_random_tokens_stream_as_they_decode(which, request):
     """Any token sequence, byte tokens that never make a valid character included."""
     codec = request.getfixturevalue(which).codec

@@ -96,7 +96,8 @@ def _engine(args, name: str):
 def _params(args, stop=()):
     from coeserve.engine.sequence import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()) + tuple(stop))
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=tuple(args.stop or ()) + tuple(stop))
 
 
 def _stream(engine, ids, params) -> object:
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--temperature", type=float, default=0.7 if name != "demo" else 0.0)
         s.add_argument("--top-p", type=float, default=1.0)
         s.add_argument("--top-k", type=int, default=0)
+        s.add_argument("--min-p", type=float, default=0.0)
+        s.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="divide the logits of tokens already in the prompt or output (1 = off)")
         s.add_argument("--seed", type=int)
         s.add_argument("--stop", action="append", help="stop string (repeatable)")
         s.add_argument("--max-seq-len", type=int, default=2048)

@@ -35,7 +35,8 @@ class QueueFull(RuntimeError):
 class Request:
     expert: str
     seq: Sequence
-    on_event: Callable[[str, object], None]  # ("text", str) | ("done", Sequence) | ("error", Exception)
+    # ("text", (str, [TokenLogprob])) | ("done", Sequence) | ("error", Exception)
+    on_event: Callable[[str, object], None]
     buffered: bool = False  # the client gets the whole answer at the end (not streamed)
     arrival: float = field(default_factory=time.monotonic)
     started: float | None = None  # first token time

@@ -43,8 +43,8 @@ class CoENode:
 
         def on_event(kind, value):
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-        seq = Sequence(list(payload["prompt_ids"]), SamplingParams(**payload["params"]),
-                       on_text=lambda t: on_event("text", t))
+        seq = Sequence(list(payload["prompt_ids"]), SamplingParams(**payload["params"]))
+        seq.on_text = lambda t: on_event("text", (t, seq.take_logprobs()))
         job = Request(name, seq, on_event)
         self.scheduler.submit(job)
         finished = False
@@ -56,21 +56,22 @@ class CoENode:
                 if kind == "text":
                     # Deltas that queued up while the last item was in flight go as one item: each stream
                     # item costs the node and the ingress a Ray message, whatever its size.
-                    text = [value]
+                    text, logprobs = [value[0]], list(value[1])
                     while not events.empty():
                         held = events.get_nowait()
                         if held[0] != "text":
                             break
-                        text.append(held[1])
+                        text.append(held[1][0])
+                        logprobs += held[1][1]
                         held = None
-                    yield {"kind": "text", "text": "".join(text)}
+                    yield {"kind": "text", "text": "".join(text), "logprobs": logprobs}
                     continue
                 finished = True
                 if kind == "error":
                     yield {"kind": "error", "message": f"{type(value).__name__}: {value}"}
                 else:
                     yield {"kind": "done", "text": value.text, "finish_reason": value.finish_reason,
-                           "output_ids": list(value.output_ids)}
+                           "output_ids": list(value.output_ids), "logprobs": list(value.logprobs)}
                 return
         finally:
             if not finished:

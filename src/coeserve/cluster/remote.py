@@ -61,12 +61,13 @@ class RemoteScheduler:
             elif kind == "text":
                 sent.append(ev["text"])
                 if not job.buffered:
-                    job.on_event("text", ev["text"])
+                    job.on_event("text", (ev["text"], ev["logprobs"]))
             elif kind == "error":
                 job.on_event("error", RuntimeError(ev["message"]))
                 return
             else:
                 seq = job.seq
                 seq.text, seq.finish_reason, seq.output_ids = ev["text"], ev["finish_reason"], ev["output_ids"]
+                seq.logprobs = ev["logprobs"]
                 job.on_event("done", seq)
                 return

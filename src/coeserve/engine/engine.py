@@ -15,7 +15,7 @@ import torch
 from coeserve.config import EngineConfig, ModelConfig
 from coeserve.engine.kv_cache import KVCache
 from coeserve.engine.runner import Runner
-from coeserve.engine.sampler import sample
+from coeserve.engine.sampler import sample, token_logprobs
 from coeserve.engine.sequence import SamplingParams, Sequence, Status
 from coeserve.engine.tokenizer import Codec
 
@@ -119,8 +119,9 @@ class Engine:
                 rows.append(seq)
             else:
                 logits = logits[:len(rows)]  # only the last chunk may stop short of its prompt's end
-        for seq, tok in zip(rows, sample(logits, rows)):
-            self._append(seq, tok, done)
+        tokens = sample(logits, rows)
+        for seq, tok, lp in zip(rows, tokens, token_logprobs(logits, rows, tokens)):
+            self._append(seq, tok, done, lp)
         return done
 
     def run_until_done(self) -> None:
@@ -159,13 +160,15 @@ class Engine:
             seq.status = Status.PREFILL
             self.prefilling.append(seq)
 
-    def _append(self, seq: Sequence, token: int, done: list[Sequence]) -> None:
+    def _append(self, seq: Sequence, token: int, done: list[Sequence], logprob=None) -> None:
         codec, p = self.expert.codec, seq.params
         eos = codec.eos_ids if codec else self.expert.cfg.eos_token_ids
         if token in eos and not p.ignore_eos:
             self._extend(seq, None)
             return self._finish(seq, "stop", done)
         seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         last = len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len
         if self._extend(seq, token, last):
             return self._finish(seq, "stop", done)

@@ -1,16 +1,47 @@
-"""Turn logits into tokens: greedy, temperature, top-k, top-p, each row with its own seeded generator,
-so a sequence's tokens depend only on its seed, not on what else shares the batch."""
+"""Turn logits into tokens: repetition penalties, then greedy or temperature, top-k, min-p and top-p, each
+row with its own seeded generator, so a sequence's tokens depend only on its seed, not on what else
+shares the batch. `token_logprobs` gives the logprobs a request asked for, from the model's own
+distribution (the raw logits, before penalties and temperature: vLLM's default)."""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from coeserve.engine.sequence import Sequence
 
 
+class TokenLogprob(NamedTuple):
+    """An output token's logprob and the `top` most likely tokens at its step, as (id, logprob), best
+    first."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     logits = logits.float()
+    if any(s.params.penalised for s in seqs):
+        logits = logits.clone()  # the caller's logits stay raw (token_logprobs reads them)
+        for i, s in enumerate(seqs):
+            if s.params.penalised:
+                penalise(logits[i], s)
     greedy = logits.argmax(dim=-1).tolist()
     return [greedy[i] if s.params.greedy else _sample_row(logits[i], s) for i, s in enumerate(seqs)]
+
+
+def penalise(row: torch.Tensor, seq: Sequence) -> None:
+    """In place, on one row of logits: HF's repetition penalty over the prompt and output (a positive
+    logit divided by it, a negative one multiplied), then OpenAI's presence and frequency penalties over
+    the output (minus presence once, minus frequency per occurrence)."""
+    p, dev = seq.params, row.device
+    if p.repetition_penalty != 1.0:
+        ids = torch.tensor(seq.prompt_ids + seq.output_ids, device=dev).unique()
+        seen = row[ids]
+        row[ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+        counts = torch.bincount(torch.tensor(seq.output_ids, device=dev), minlength=row.numel())[:row.numel()]
+        row -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
 
 
 def _sample_row(row: torch.Tensor, seq: Sequence) -> int:
@@ -20,6 +51,9 @@ def _sample_row(row: torch.Tensor, seq: Sequence) -> int:
         kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
     probs = torch.softmax(row, dim=-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the most likely token
@@ -27,3 +61,22 @@ def _sample_row(row: torch.Tensor, seq: Sequence) -> int:
         choice = torch.multinomial(sorted_p.cpu(), 1, generator=seq.generator)
         return int(order[choice.to(order.device)])
     return int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
+
+
+def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+    """For each row whose sequence asked for logprobs, the chosen token's and the top alternatives'
+    (log-softmax of the raw logits, in fp32); None for the others. One pass over the rows that ask."""
+    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(seqs)
+    if not want:
+        return out
+    lp = torch.log_softmax(logits[want].float(), dim=-1)
+    rows = torch.arange(len(want), device=lp.device)
+    chosen = lp[rows, torch.tensor([tokens[i] for i in want], device=lp.device)].tolist()
+    k = max(seqs[i].params.logprobs for i in want)
+    top_v, top_i = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    for j, i in enumerate(want):
+        n = seqs[i].params.logprobs
+        out[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(top_i[j][:n], top_v[j][:n])))
+    return out

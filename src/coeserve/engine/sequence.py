@@ -21,6 +21,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0  # drop tokens below min_p times the most likely one's probability; 0 = off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time the token was generated
+    repetition_penalty: float = 1.0  # HF's / vLLM's: logits of tokens in the prompt or output divided by it
+    logprobs: int | None = None  # None = off; else each output token's logprob and this many top alternatives
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -31,11 +36,26 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError("repetition_penalty must be in (0, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+MAX_LOGPROBS = 20  # top alternatives a token may carry, as OpenAI's API allows
 
 
 class Status(enum.Enum):
@@ -59,6 +79,8 @@ class Sequence:
     text: str = ""  # final output text (stop strings cut)
     emitted: int = 0  # characters of `text` passed to on_text
     detok: object | None = None  # the tokenizer's TextStream of output_ids, made at the first token
+    logprobs: list = field(default_factory=list)  # with params.logprobs: a `TokenLogprob` per output token
+    logprobs_taken: int = 0  # of them, passed on by take_logprobs
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self):
@@ -73,6 +95,12 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def take_logprobs(self) -> list:
+        """The logprobs not yet taken (for a streaming callback to send with its text)."""
+        new = self.logprobs[self.logprobs_taken:]
+        self.logprobs_taken += len(new)
+        return new
 
     @property
     def finished(self) -> bool:

@@ -2,6 +2,8 @@
 no chat template gets a plain transcript format (`User: …\nAssistant:`) and stops at the next turn."""
 from __future__ import annotations
 
+import functools
+import re
 import threading
 from pathlib import Path
 from typing import Callable
@@ -21,6 +23,7 @@ class Codec:
         if self.tok.eos_token_id is not None:
             ids.add(self.tok.eos_token_id)
         self.eos_ids = frozenset(ids)
+        self._pieces: dict[int, tuple[str, list[int]]] = {}
 
     @property
     def has_chat_template(self) -> bool:
@@ -31,6 +34,25 @@ class Codec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def piece(self, token: int) -> tuple[str, list[int]]:
+        """A token's own text and bytes, as logprobs show it (OpenAI's `token` and `bytes`). A token
+        that holds part of a character (byte-level BPE, or SentencePiece's <0xNN> byte fallback) has
+        text '\ufffd' and its true bytes, so that the bytes of consecutive tokens join into the text."""
+        if token not in self._pieces:
+            text = self.tok.decode([token], skip_special_tokens=False)
+            raw = self.tok.convert_ids_to_tokens(token) or ""
+            data = text.encode()
+            if "\ufffd" in text:
+                hexbyte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", raw)
+                if hexbyte:
+                    data = bytes([int(hexbyte.group(1), 16)])
+                elif "ByteLevel" in repr(getattr(getattr(self.tok, "backend_tokenizer", None), "decoder", None)):
+                    table = _byte_decoder()
+                    if all(c in table for c in raw):
+                        data = bytes(table[c] for c in raw)
+            self._pieces[token] = (text, list(data))
+        return self._pieces[token]
 
     def stream(self) -> "TextStream":
         return TextStream(self.decode)
@@ -45,6 +67,13 @@ class Codec:
             return list(self.tok(text, add_special_tokens=False).input_ids), ()
         lines = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
         return self.encode("\n".join(lines) + "\nAssistant:"), PLAIN_STOP
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for bytes, back to the bytes."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 class TextStream:

@@ -217,16 +217,17 @@ async def _run(state, request, body, expert, route, ids, stop, chat: bool):
         raise ApiError(400, f"the prompt has {len(ids)} tokens; {expert}'s context holds {state.context(expert)} "
                        "(prompt plus at least one generated token)", code="context_length_exceeded")
     try:
-        params = SamplingParams(max_tokens=body.limit(state.default_max_tokens), temperature=body.temperature,
-                                top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()) + tuple(stop),
-                                ignore_eos=body.ignore_eos)
+        params = SamplingParams(max_tokens=body.limit(state.default_max_tokens),
+                                stop=tuple(body.stop or ()) + tuple(stop), logprobs=body.wanted_logprobs(),
+                                **body.sampling())
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     events, post = asyncio.Queue(), state.post_box()
 
     def on_event(kind, payload):
         post(events, (kind, payload, time.monotonic()))
-    seq = Sequence(list(ids), params, on_text=lambda text: on_event("text", text))
+    seq = Sequence(list(ids), params)
+    seq.on_text = lambda text: on_event("text", (text, seq.take_logprobs()))
     job = Job(expert, seq, on_event, buffered=not body.stream)
     try:
         state.scheduler.submit(job)

@@ -6,7 +6,9 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from coeserve.engine.sequence import MAX_LOGPROBS
 
 
 class StreamOptions(BaseModel):
@@ -26,7 +28,20 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = None
-    ignore_eos: bool = False  # an extension (as in vLLM): generate exactly max_tokens, for benchmarks
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # Extensions, as vLLM takes them:
+    ignore_eos: bool = False  # generate exactly max_tokens, for benchmarks
+    top_k: int = Field(default=0, ge=-1)  # 0 or -1: off
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+
+    def sampling(self) -> dict:
+        """The SamplingParams fields this request sets (app.py adds max_tokens, stop and logprobs)."""
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), seed=self.seed,
+                    min_p=self.min_p, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                    ignore_eos=self.ignore_eos)
 
     @field_validator("stop")
     @classmethod
@@ -53,6 +68,17 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def limit(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
@@ -60,6 +86,10 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -84,14 +114,15 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_body(rid: str, model: str, text: str, finish: str, use: dict) -> dict:
+def chat_body(rid: str, model: str, text: str, finish: str, use: dict, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": finish}], "usage": use}
 
 
-def chat_chunk(rid: str, model: str, delta: dict | None, finish: str | None = None, use: dict | None = None) -> dict:
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+def chat_chunk(rid: str, model: str, delta: dict | None, finish: str | None = None, use: dict | None = None,
+               logprobs: dict | None = None) -> dict:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
     body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": choices}
     if use is not None:
@@ -99,18 +130,54 @@ def chat_chunk(rid: str, model: str, delta: dict | None, finish: str | None = No
     return body
 
 
-def completion_body(rid: str, model: str, text: str, finish: str, use: dict) -> dict:
+def completion_body(rid: str, model: str, text: str, finish: str, use: dict, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": use}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}], "usage": use}
 
 
 def completion_chunk(rid: str, model: str, text: str | None, finish: str | None = None,
-                     use: dict | None = None) -> dict:
-    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+                     use: dict | None = None, logprobs: dict | None = None) -> dict:
+    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]
     body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
     if use is not None:
         body["usage"] = use
     return body
+
+
+def _finite(lp: float) -> float:
+    return max(lp, -9999.0)  # JSON has no -inf; OpenAI-compatible servers send -9999.0 for it
+
+
+class Logprobs:
+    """Logprobs of one response's tokens (engine/sampler.TokenLogprob) in OpenAI's two shapes, a batch
+    at a time (a stream chunk's or the whole output's). `piece(id)` is the codec's (text, bytes) of a
+    token. The completions shape counts `text_offset` on from the tokens before."""
+
+    def __init__(self, piece, chat: bool):
+        self.piece, self.chat, self.offset = piece, chat, 0
+
+    def __call__(self, items) -> dict | None:
+        if not items:
+            return None
+        return self._chat(items) if self.chat else self._completion(items)
+
+    def _entry(self, token: int, lp: float) -> dict:
+        text, data = self.piece(token)
+        return {"token": text, "logprob": _finite(lp), "bytes": data}
+
+    def _chat(self, items) -> dict:
+        return {"content": [{**self._entry(x.token, x.logprob), "top_logprobs": [self._entry(i, lp) for i, lp in x.top]}
+                            for x in items], "refusal": None}
+
+    def _completion(self, items) -> dict:
+        tokens, offsets = [], []
+        for x in items:
+            tokens.append(self.piece(x.token)[0])
+            offsets.append(self.offset)
+            self.offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [_finite(x.logprob) for x in items],
+                "top_logprobs": [{self.piece(i)[0]: _finite(lp) for i, lp in x.top} for x in items],
+                "text_offset": offsets}
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:

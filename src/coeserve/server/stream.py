@@ -37,9 +37,17 @@ class _Tally:
             m.tokens.labels(self.job.expert, "completion").inc(len(seq.output_ids))
 
 
+def _logprobs(state, job, chat: bool):
+    """The request's logprobs formatter, or one that gives None when it asked for none."""
+    if job.seq.params.logprobs is None:
+        return lambda items: None
+    return schemas.Logprobs(state.codec(job.expert).piece, chat)
+
+
 async def stream(state, job, events: asyncio.Queue, chat: bool, include_usage: bool):
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     model, tally, finished = job.expert, _Tally(state, job), False
+    logprobs, sent = _logprobs(state, job, chat), 0  # tokens whose logprobs went out
     try:
         if chat:
             yield _sse(schemas.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
@@ -47,8 +55,11 @@ async def stream(state, job, events: asyncio.Queue, chat: bool, include_usage: b
             kind, payload, at = await events.get()
             if kind == "text":
                 tally.text(at)
-                yield _sse(schemas.chat_chunk(rid, model, {"content": payload}) if chat else
-                           schemas.completion_chunk(rid, model, payload))
+                text, items = payload
+                sent += len(items)
+                lp = logprobs(items)
+                yield _sse(schemas.chat_chunk(rid, model, {"content": text}, logprobs=lp) if chat else
+                           schemas.completion_chunk(rid, model, text, logprobs=lp))
                 continue
             finished = True
             if kind == "error":
@@ -58,8 +69,9 @@ async def stream(state, job, events: asyncio.Queue, chat: bool, include_usage: b
             seq = payload
             tally.done(seq, FINISH.get(seq.finish_reason, "stop"))
             reason = FINISH.get(seq.finish_reason, "stop")
-            yield _sse(schemas.chat_chunk(rid, model, {}, reason) if chat else
-                       schemas.completion_chunk(rid, model, "", reason))
+            lp = logprobs(seq.logprobs[sent:])  # tokens whose text never showed (a stop string's)
+            yield _sse(schemas.chat_chunk(rid, model, {}, reason, logprobs=lp) if chat else
+                       schemas.completion_chunk(rid, model, "", reason, logprobs=lp))
             if include_usage:
                 use = schemas.usage(len(seq.prompt_ids), len(seq.output_ids))
                 yield _sse(schemas.chat_chunk(rid, model, None, use=use) if chat else
@@ -95,4 +107,4 @@ async def collect(state, request, job, events: asyncio.Queue, chat: bool) -> dic
         tally.done(seq, reason)
         use = schemas.usage(len(seq.prompt_ids), len(seq.output_ids))
         make = schemas.chat_body if chat else schemas.completion_body
-        return make(rid, job.expert, seq.text, reason, use)
+        return make(rid, job.expert, seq.text, reason, use, _logprobs(state, job, chat)(seq.logprobs))
