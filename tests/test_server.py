@@ -175,6 +175,50 @@ def test_penalties_and_sampling_extensions(live):
                                   extra_body={"min_p": 1.0}).choices[0].message.content
 
 
+def test_n_choices_streamed_and_not(live):
+    """n samples of one prompt: with a seed, choice j is the sample of seed + j, the same whether streamed
+    or not and whatever else shares the batch; usage counts the prompt once and every choice's tokens."""
+    c = live.client()
+    kw = dict(max_tokens=10, temperature=1.0, seed=5, content="Name an animal.")
+    r = ask(c, n=3, **kw)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    texts = [ch.message.content for ch in r.choices]
+    assert texts == [ask(c, **{**kw, "seed": 5 + j}).choices[0].message.content for j in range(3)]
+    assert len(set(texts)) > 1
+    one = ask(c, **kw)
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(ask(c, **{**kw, "seed": 5 + j}).usage.completion_tokens for j in range(3))
+    chunks = list(ask(c, n=3, stream=True, stream_options={"include_usage": True}, **kw))
+    streamed = ["".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == j)
+                for j in range(3)]
+    assert streamed == texts and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].finish_reason) == 3
+    with pytest.raises(openai.RateLimitError):
+        ask(c, n=7, **kw)  # more choices than the queue holds (6): none stays queued
+    assert len(ask(c, n=6, **kw).choices) == 6  # the queue is whole again
+
+
+def test_a_batch_of_completion_prompts_routed_each_on_its_own(live, gemma):
+    """A list of prompts (text or token ids) gives a choice per prompt, each its own expert's answer."""
+    c = live.client()
+    prompts = ["Write a Python function that adds two numbers.", "The capital of France is"]
+    alone = [c.completions.create(model="coe", prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    raw = c.completions.with_raw_response.create(model="coe", prompt=prompts, max_tokens=6, temperature=0)
+    r = raw.parse()
+    assert [ch.text for ch in r.choices] == [a.choices[0].text for a in alone]
+    assert raw.headers["x-coe-expert"] == ",".join(a.model for a in alone)
+    ids = gemma.codec.encode(prompts[1])
+    by_ids = c.completions.create(model=GEMMA, prompt=[ids, ids], max_tokens=6, temperature=0)
+    assert [ch.text for ch in by_ids.choices] == [c.completions.create(model=GEMMA, prompt=prompts[1], max_tokens=6,
+                                                                       temperature=0).choices[0].text] * 2
+    with pytest.raises(openai.BadRequestError, match="named expert"):
+        c.completions.create(model="coe", prompt=[ids], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        c.completions.create(model=GEMMA, prompt=[10**7], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="at most"):
+        c.completions.create(model=GEMMA, prompt=["a"] * 10, n=10, max_tokens=2)
+
+
 def test_routed_requests_name_their_expert_and_category(live):
     c = live.client()
     raw = c.chat.completions.with_raw_response.create(

@@ -180,16 +180,25 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(body: ChatRequest, request: Request):
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         users = [m["content"] for m in msgs if m["role"] == "user"]
-        expert, route = await _resolve(state, body.model, users[-1] if users else msgs[-1]["content"])
+        [(expert, route)] = await _resolve(state, body.model, [users[-1] if users else msgs[-1]["content"]])
         codec = await run_in_threadpool(state.codec, expert)
         ids, stop = codec.chat_prompt(msgs)
-        return await _run(state, request, body, expert, route, ids, stop, chat=True)
+        return await _run(state, request, body, [Prompt(expert, route, ids)], stop, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        expert, route = await _resolve(state, body.model, body.prompt)
-        codec = await run_in_threadpool(state.codec, expert)
-        return await _run(state, request, body, expert, route, codec.encode(body.prompt), (), chat=False)
+        if body.model == VIRTUAL and not all(isinstance(p, str) for p in body.prompt):
+            raise ApiError(400, "a prompt of token ids needs a named expert (the ids are its tokenizer's), "
+                           "not the router", param="prompt")
+        prompts = []
+        for text, (expert, route) in zip(body.prompt, await _resolve(state, body.model, body.prompt)):
+            codec = await run_in_threadpool(state.codec, expert)
+            ids = codec.encode(text) if isinstance(text, str) else text
+            vocab = state.disk.config(expert).vocab_size
+            if max(ids) >= vocab:
+                raise ApiError(400, f"token id {max(ids)} is not in {expert}'s vocabulary of {vocab}", param="prompt")
+            prompts.append(Prompt(expert, route, ids))
+        return await _run(state, request, body, prompts, (), chat=False)
 
     return app
 
@@ -198,46 +207,74 @@ def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(error_body(str(e), e.kind, e.code, e.param), status_code=e.status)
 
 
-async def _resolve(state: ServerState, model: str, text: str) -> tuple[str, tuple[str, float]]:
+@dataclass
+class Prompt:
+    """One prompt of a request, routed: its expert, (category, probability) and token ids."""
+    expert: str
+    route: tuple[str, float]
+    ids: list[int]
+
+
+async def _resolve(state: ServerState, model: str, texts: list) -> list[tuple[str, tuple[str, float]]]:
+    """Each prompt's expert and (category, probability): the named expert, or the router's choice."""
     if model != VIRTUAL:
         if model not in state.experts:
             raise ApiError(404, f"the model {model!r} does not exist (GET /v1/models lists them)",
                            "not_found_error", "model_not_found", "model")
-        return model, ("none", 1.0)
+        return [(model, ("none", 1.0))] * len(texts)
     t = time.perf_counter()
-    r = (await run_in_threadpool(state.router.route, [text]))[0]
+    routes = await run_in_threadpool(state.router.route, texts)
     if state.metrics:
         state.metrics.router.observe(time.perf_counter() - t)
-    expert = r.expert if r.expert in state.experts else state.fallback
-    return expert, (r.category, r.prob)
+    return [(r.expert if r.expert in state.experts else state.fallback, (r.category, r.prob)) for r in routes]
 
 
-async def _run(state, request, body, expert, route, ids, stop, chat: bool):
-    if len(ids) >= state.context(expert):
-        raise ApiError(400, f"the prompt has {len(ids)} tokens; {expert}'s context holds {state.context(expert)} "
-                       "(prompt plus at least one generated token)", code="context_length_exceeded")
+async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool):
+    """Queue n sequences per prompt (choice i*n + j is prompt i's j-th; with a seed, its seed is seed + j)
+    and answer with all of them, streamed or as one body."""
+    for p in prompts:
+        if len(p.ids) >= state.context(p.expert):
+            raise ApiError(400, f"the prompt has {len(p.ids)} tokens; {p.expert}'s context holds "
+                           f"{state.context(p.expert)} (prompt plus at least one generated token)",
+                           code="context_length_exceeded")
     try:
-        params = SamplingParams(max_tokens=body.limit(state.default_max_tokens),
-                                stop=tuple(body.stop or ()) + tuple(stop), logprobs=body.wanted_logprobs(),
-                                **body.sampling())
+        sampling = body.sampling()
+        params = [SamplingParams(max_tokens=body.limit(state.default_max_tokens),
+                                 stop=tuple(body.stop or ()) + tuple(stop), logprobs=body.wanted_logprobs(),
+                                 **{**sampling, "seed": None if body.seed is None else body.seed + j})
+                  for j in range(body.n)]
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     events, post = asyncio.Queue(), state.post_box()
-
-    def on_event(kind, payload):
-        post(events, (kind, payload, time.monotonic()))
-    seq = Sequence(list(ids), params)
-    seq.on_text = lambda text: on_event("text", (text, seq.take_logprobs()))
-    job = Job(expert, seq, on_event, buffered=not body.stream)
-    try:
-        state.scheduler.submit(job)
-    except QueueFull as e:
-        raise ApiError(429, str(e), "rate_limit_error", "queue_full") from None
-    headers = {"x-coe-expert": expert, "x-coe-category": route[0], "x-coe-confidence": f"{route[1]:.4f}"}
+    jobs = [_job(p.expert, p.ids, params[j], i * body.n + j, events, post, not body.stream)
+            for i, p in enumerate(prompts) for j in range(body.n)]
+    for k, job in enumerate(jobs):
+        try:
+            state.scheduler.submit(job)
+        except QueueFull as e:
+            for queued in jobs[:k]:
+                state.scheduler.cancel(queued)
+            raise ApiError(429, str(e), "rate_limit_error", "queue_full") from None
+    experts = list(dict.fromkeys(p.expert for p in prompts))
+    model = experts[0] if len(experts) == 1 else VIRTUAL
+    headers = {"x-coe-expert": ",".join(p.expert for p in prompts),
+               "x-coe-category": ",".join(p.route[0] for p in prompts),
+               "x-coe-confidence": ",".join(f"{p.route[1]:.4f}" for p in prompts)}
+    prompt_tokens = sum(len(p.ids) for p in prompts)
     from coeserve.server.stream import collect, stream
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream(state, job, events, chat, include), media_type="text/event-stream",
-                                 headers=headers)
-    out = await collect(state, request, job, events, chat)
+        return StreamingResponse(stream(state, model, jobs, prompt_tokens, events, chat, include),
+                                 media_type="text/event-stream", headers=headers)
+    out = await collect(state, request, model, jobs, prompt_tokens, events, chat)
     return JSONResponse(out, headers=headers, status_code=200 if "error" not in out else 500)
+
+
+def _job(expert: str, ids: list[int], params: SamplingParams, index: int, events: asyncio.Queue, post,
+         buffered: bool) -> Job:
+    """A scheduler request for one choice; its events reach `events` as (index, kind, payload, time)."""
+    def on_event(kind, payload):
+        post(events, (index, kind, payload, time.monotonic()))
+    seq = Sequence(list(ids), params)
+    seq.on_text = lambda text: on_event("text", (text, seq.take_logprobs()))
+    return Job(expert, seq, on_event, buffered=buffered)

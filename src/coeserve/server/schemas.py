@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from coeserve.engine.sequence import MAX_LOGPROBS
 
+MAX_CHOICES = 64  # sequences one request may ask for (n, times the prompts of a completions batch)
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -26,7 +28,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -85,7 +87,8 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    # A prompt is text or token ids; a batch is a list of either (choice i*n+j is prompt i's j-th sample).
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def wanted_logprobs(self) -> int | None:
@@ -93,14 +96,22 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("exactly one prompt per request is supported")
-            v = v[0]
-        if not v:
+    def _prompts(cls, v):
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            v = [v]
+        if not 1 <= len(v) <= MAX_CHOICES:
+            raise ValueError(f"give 1 to {MAX_CHOICES} prompts")
+        if not all(v):
             raise ValueError("the prompt is empty")
+        if any(isinstance(p, list) and min(p) < 0 for p in v):
+            raise ValueError("token ids are not negative")
         return v
+
+    @model_validator(mode="after")
+    def _choices(self):
+        if len(self.prompt) * self.n > MAX_CHOICES:
+            raise ValueError(f"prompts times n is at most {MAX_CHOICES}")
+        return self
 
     def limit(self, default: int) -> int:
         return self.max_tokens or default
@@ -114,15 +125,20 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_body(rid: str, model: str, text: str, finish: str, use: dict, logprobs: dict | None = None) -> dict:
+def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish}
+
+
+def chat_body(rid: str, model: str, choices: list[dict], use: dict) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                         "finish_reason": finish}], "usage": use}
+            "choices": choices, "usage": use}
 
 
 def chat_chunk(rid: str, model: str, delta: dict | None, finish: str | None = None, use: dict | None = None,
-               logprobs: dict | None = None) -> dict:
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+               logprobs: dict | None = None, index: int = 0) -> dict:
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish}]
     body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": choices}
     if use is not None:
@@ -130,14 +146,18 @@ def chat_chunk(rid: str, model: str, delta: dict | None, finish: str | None = No
     return body
 
 
-def completion_body(rid: str, model: str, text: str, finish: str, use: dict, logprobs: dict | None = None) -> dict:
+def completion_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def completion_body(rid: str, model: str, choices: list[dict], use: dict) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}], "usage": use}
+            "choices": choices, "usage": use}
 
 
 def completion_chunk(rid: str, model: str, text: str | None, finish: str | None = None,
-                     use: dict | None = None, logprobs: dict | None = None) -> dict:
-    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]
+                     use: dict | None = None, logprobs: dict | None = None, index: int = 0) -> dict:
+    choices = [] if text is None else [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
     body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
     if use is not None:
         body["usage"] = use

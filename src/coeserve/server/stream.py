@@ -1,5 +1,7 @@
-"""From engine events to HTTP: SSE chunks in OpenAI's format (ending `data: [DONE]`) or one body.
-A client that goes away cancels its request, which frees its KV-cache slot."""
+"""From engine events to HTTP: SSE chunks in OpenAI's format (ending `data: [DONE]`) or one body. A
+request is one or more choices (n, or a batch of prompts), each its own scheduler request; their events
+arrive on one queue as (choice index, kind, payload, time). A client that goes away cancels all of
+them, which frees their KV-cache slots."""
 from __future__ import annotations
 
 import asyncio
@@ -15,96 +17,116 @@ def _sse(body: dict) -> str:
 
 
 class _Tally:
-    """Latency metrics for one request: time to first token, then the gaps between text events."""
+    """Metrics for one HTTP request: time to its first token, the gaps between each choice's text
+    events, and at the end the request's status and token counts."""
 
-    def __init__(self, state, job):
-        self.state, self.job, self.last = state, job, None
+    def __init__(self, state, jobs, prompt_tokens: int):
+        self.state, self.jobs, self.prompt_tokens = state, jobs, prompt_tokens
+        self.expert, self.first, self.last = jobs[0].expert, True, {}
 
-    def text(self, at: float) -> None:
+    def text(self, index: int, at: float) -> None:
         m = self.state.metrics
         if m is not None:
-            if self.last is None:
-                m.ttft.labels(self.job.expert).observe(at - self.job.arrival)
-            else:
-                m.itl.labels(self.job.expert).observe(at - self.last)
-        self.last = at
+            if self.first:
+                m.ttft.labels(self.expert).observe(at - self.jobs[0].arrival)
+            elif index in self.last:
+                m.itl.labels(self.jobs[index].expert).observe(at - self.last[index])
+        self.first, self.last[index] = False, at
 
-    def done(self, seq, status: str) -> None:
+    def done(self, status: str) -> None:
         m = self.state.metrics
         if m is not None:
-            m.requests.labels(self.job.expert, status).inc()
-            m.tokens.labels(self.job.expert, "prompt").inc(len(seq.prompt_ids))
-            m.tokens.labels(self.job.expert, "completion").inc(len(seq.output_ids))
+            m.requests.labels(self.expert, status).inc()
+            m.tokens.labels(self.expert, "prompt").inc(self.prompt_tokens)
+            m.tokens.labels(self.expert, "completion").inc(self.completion_tokens)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(job.seq.output_ids) for job in self.jobs)
+
+    def usage(self) -> dict:
+        return schemas.usage(self.prompt_tokens, self.completion_tokens)
 
 
 def _logprobs(state, job, chat: bool):
-    """The request's logprobs formatter, or one that gives None when it asked for none."""
+    """The choice's logprobs formatter, or one that gives None when the request asked for none."""
     if job.seq.params.logprobs is None:
         return lambda items: None
     return schemas.Logprobs(state.codec(job.expert).piece, chat)
 
 
-async def stream(state, job, events: asyncio.Queue, chat: bool, include_usage: bool):
+def _cancel(state, jobs, done: set) -> None:
+    for i, job in enumerate(jobs):
+        if i not in done:
+            state.scheduler.cancel(job)
+
+
+async def stream(state, model: str, jobs, prompt_tokens: int, events: asyncio.Queue, chat: bool,
+                 include_usage: bool):
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
-    model, tally, finished = job.expert, _Tally(state, job), False
-    logprobs, sent = _logprobs(state, job, chat), 0  # tokens whose logprobs went out
+    tally, done, failed = _Tally(state, jobs, prompt_tokens), set(), False
+    logprobs = [_logprobs(state, job, chat) for job in jobs]
+    sent = [0] * len(jobs)  # per choice, the tokens whose logprobs went out
     try:
         if chat:
-            yield _sse(schemas.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
-        while True:
-            kind, payload, at = await events.get()
+            for i in range(len(jobs)):
+                yield _sse(schemas.chat_chunk(rid, model, {"role": "assistant", "content": ""}, index=i))
+        while len(done) < len(jobs):
+            i, kind, payload, at = await events.get()
             if kind == "text":
-                tally.text(at)
+                tally.text(i, at)
                 text, items = payload
-                sent += len(items)
-                lp = logprobs(items)
-                yield _sse(schemas.chat_chunk(rid, model, {"content": text}, logprobs=lp) if chat else
-                           schemas.completion_chunk(rid, model, text, logprobs=lp))
+                sent[i] += len(items)
+                lp = logprobs[i](items)
+                yield _sse(schemas.chat_chunk(rid, model, {"content": text}, logprobs=lp, index=i) if chat else
+                           schemas.completion_chunk(rid, model, text, logprobs=lp, index=i))
                 continue
-            finished = True
             if kind == "error":
-                tally.done(job.seq, "error")
-                yield _sse(schemas.error_body(f"{model} failed: {payload}", "server_error"))
+                failed = True
+                tally.done("error")
+                yield _sse(schemas.error_body(f"{jobs[i].expert} failed: {payload}", "server_error"))
                 break
+            done.add(i)
             seq = payload
-            tally.done(seq, FINISH.get(seq.finish_reason, "stop"))
             reason = FINISH.get(seq.finish_reason, "stop")
-            lp = logprobs(seq.logprobs[sent:])  # tokens whose text never showed (a stop string's)
-            yield _sse(schemas.chat_chunk(rid, model, {}, reason, logprobs=lp) if chat else
-                       schemas.completion_chunk(rid, model, "", reason, logprobs=lp))
+            lp = logprobs[i](seq.logprobs[sent[i]:])  # tokens whose text never showed (a stop string's)
+            yield _sse(schemas.chat_chunk(rid, model, {}, reason, logprobs=lp, index=i) if chat else
+                       schemas.completion_chunk(rid, model, "", reason, logprobs=lp, index=i))
+        if not failed:
+            tally.done(FINISH.get(jobs[0].seq.finish_reason, "stop"))
             if include_usage:
-                use = schemas.usage(len(seq.prompt_ids), len(seq.output_ids))
-                yield _sse(schemas.chat_chunk(rid, model, None, use=use) if chat else
-                           schemas.completion_chunk(rid, model, None, use=use))
-            break
+                yield _sse(schemas.chat_chunk(rid, model, None, use=tally.usage()) if chat else
+                           schemas.completion_chunk(rid, model, None, use=tally.usage()))
         yield "data: [DONE]\n\n"
     finally:
-        if not finished:  # the client went away mid-stream
-            state.scheduler.cancel(job)
-            if state.metrics is not None:
-                state.metrics.requests.labels(job.expert, "cancelled").inc()
+        if len(done) < len(jobs):  # the client went away mid-stream, or a choice failed
+            _cancel(state, jobs, done)
+            if not failed and state.metrics is not None:
+                state.metrics.requests.labels(jobs[0].expert, "cancelled").inc()
 
 
-async def collect(state, request, job, events: asyncio.Queue, chat: bool) -> dict:
+async def collect(state, request, model: str, jobs, prompt_tokens: int, events: asyncio.Queue, chat: bool) -> dict:
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
-    tally = _Tally(state, job)
-    while True:
+    tally, done = _Tally(state, jobs, prompt_tokens), set()
+    while len(done) < len(jobs):
         try:
-            kind, payload, at = await asyncio.wait_for(events.get(), 0.5)
+            i, kind, payload, at = await asyncio.wait_for(events.get(), 0.5)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                state.scheduler.cancel(job)
+                _cancel(state, jobs, done)
                 return {"error": "client disconnected"}
             continue
         if kind == "text":
-            tally.text(at)
-            continue
-        if kind == "error":
-            tally.done(job.seq, "error")
-            return schemas.error_body(f"{job.expert} failed: {payload}", "server_error")
-        seq = payload
-        reason = FINISH.get(seq.finish_reason, "stop")
-        tally.done(seq, reason)
-        use = schemas.usage(len(seq.prompt_ids), len(seq.output_ids))
-        make = schemas.chat_body if chat else schemas.completion_body
-        return make(rid, job.expert, seq.text, reason, use, _logprobs(state, job, chat)(seq.logprobs))
+            tally.text(i, at)
+        elif kind == "error":
+            tally.done("error")
+            _cancel(state, jobs, done | {i})
+            return schemas.error_body(f"{jobs[i].expert} failed: {payload}", "server_error")
+        else:
+            done.add(i)
+    choices = []
+    for i, job in enumerate(jobs):
+        seq, make = job.seq, schemas.chat_choice if chat else schemas.completion_choice
+        choices.append(make(i, seq.text, FINISH.get(seq.finish_reason, "stop"), _logprobs(state, job, chat)(seq.logprobs)))
+    tally.done(FINISH.get(jobs[0].seq.finish_reason, "stop"))
+    return (schemas.chat_body if chat else schemas.completion_body)(rid, model, choices, tally.usage())
