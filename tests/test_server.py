@@ -109,8 +109,13 @@ def test_starting_answers_503_then_ready(live):
 
 
 def test_models_lists_experts_and_coe(live):
-    ids = [m.id for m in live.client().models.list().data]
+    c = live.client()
+    ids = [m.id for m in c.models.list().data]
     assert ids[0] == "coe" and {SMOL, GEMMA} <= set(ids)
+    one = c.models.retrieve(SMOL)
+    assert one.id == SMOL and one.model_extra["max_model_len"] == 512 and c.models.retrieve("coe").id == "coe"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.models.retrieve("no-such-model")
 
 
 def test_chat_explicit_expert(live):

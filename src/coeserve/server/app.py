@@ -166,15 +166,25 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def model_card(name: str, now: int) -> dict:
+        card = {"id": name, "object": "model", "created": now, "owned_by": "coeserve"}
+        if name != VIRTUAL:
+            card["max_model_len"] = state.context(name)  # as vLLM gives it
+            if hasattr(state.scheduler, "placement"):  # cluster: the replicas the expert was served on
+                card["coe_replicas"] = sorted(state.scheduler.placement.get(name, ()))
+        return card
+
     @app.get("/v1/models")
     async def models():
         now = int(time.time())
-        data = [{"id": VIRTUAL, "object": "model", "created": now, "owned_by": "coeserve"}]
-        where = getattr(state.scheduler, "placement", {})  # cluster: the replicas an expert was served on
-        data += [{"id": n, "object": "model", "created": now, "owned_by": "coeserve",
-                  **({"coe_replicas": sorted(where.get(n, ()))} if hasattr(state.scheduler, "placement") else {})}
-                 for n in state.experts]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(n, now) for n in [VIRTUAL, *state.experts]]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        if name != VIRTUAL and name not in state.experts:
+            raise ApiError(404, f"the model {name!r} does not exist (GET /v1/models lists them)",
+                           "not_found_error", "model_not_found", "model")
+        return model_card(name, int(time.time()))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
