@@ -70,3 +70,20 @@ def test_unknown_expert_is_one_line(store):
 def test_bad_sampling_value_is_one_line(store):
     r = coe(store.home, "generate", "--expert", SMOL, "--temperature", "-1", "hi")
     assert r.returncode == 2 and r.stderr.startswith("coe: error:") and "temperature" in r.stderr
+
+
+def test_rm_removes_experts_and_names_a_missing_one(tmp_path):
+    from coeserve.formats import synthetic
+    from coeserve.store.disk import DiskStore
+
+    disk = DiskStore(tmp_path)
+    for name in ("a", "b", "c"):
+        synthetic.install(disk, name, synthetic.synthetic_config("tiny"))
+    disk.image_dir("a", "bf16")  # a cast goes with its expert
+    r = coe(tmp_path, "rm", "a", "nope")
+    assert r.returncode == 2 and "nope" in r.stderr and r.stderr.count("\n") == 1
+    assert disk.names() == ["a", "b", "c"]  # nothing removed when a name is wrong
+    r = coe(tmp_path, "rm", "a", "b")
+    assert r.returncode == 0 and "removed a" in r.stdout and "removed b" in r.stdout
+    assert disk.names() == ["c"] and sorted(p.name for p in disk.root.iterdir()) == ["c"]
+    assert "c" in coe(tmp_path, "experts").stdout

@@ -63,6 +63,15 @@ def cmd_experts(args) -> None:
     console.print(table if store.names() else f"no experts installed in {store.root} (try `coe pull`)")
 
 
+def cmd_rm(args) -> None:
+    store = _store(args)
+    for name in args.names:
+        store.info(name)  # every name checked before anything is removed
+    for name in args.names:
+        info = store.remove(name)
+        print(f"removed {name} ({info.bytes / 2**20:.0f} MiB)")
+
+
 def _tiers(args):
     """The three-tier store, once per command, budgeted by --host-memory / --device-slots."""
     from coeserve.config import StoreConfig, parse_bytes
@@ -178,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_pull)
 
     sub.add_parser("experts", help="list installed experts").set_defaults(fn=cmd_experts)
+    s = sub.add_parser("rm", help="remove installed experts")
+    s.add_argument("names", nargs="+")
+    s.set_defaults(fn=cmd_rm)
 
     for name, fn, hlp in (("generate", cmd_generate, "stream one completion"), ("chat", cmd_chat, "interactive chat"),
                           ("demo", cmd_demo, "a short chat on each built-in expert")):

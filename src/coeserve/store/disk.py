@@ -182,6 +182,16 @@ class DiskStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.info(name)
 
+    def remove(self, name: str) -> ExpertInfo:
+        """Delete an expert (its casts included). It is first renamed out of sight, so no reader ever
+        finds half of it; a server that has it open keeps reading the files it holds until it lets go."""
+        info = self.info(name)  # ExpertNotFound if absent
+        gone = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=self.root))
+        gone.rmdir()
+        self.path(name).rename(gone)
+        shutil.rmtree(gone, ignore_errors=True)
+        return info
+
     def _swap_in(self, new: Path, final: Path) -> None:
         """Replace `final` by `new` so that a crash at any point leaves one complete expert there."""
         old = None
