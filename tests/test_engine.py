@@ -355,6 +355,95 @@ def test_fused_steps_over_slots_with_gaps_match_unfused_in_few_graphs():
 
 
 @pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_prefix_cache_a_chat_prefills_only_its_new_turn_and_answers_as_a_cold_engine(which, request):
+    """Each turn of a chat reuses the slot that holds the last turn (prompt and answer) and generates
+    the tokens an engine without the prefix cache generates; a sequence in another slot in between
+    changes nothing. (Gemma-3 has sliding-window layers: their window reads cached keys too.)"""
+    expert = request.getfixturevalue(which)
+    warm = Engine(expert, EngineConfig(max_batch=3, max_seq_len=1024))
+    cold = Engine(expert, EngineConfig(max_batch=3, max_seq_len=1024, prefix_cache=False))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    msgs = [{"role": "system", "content": "You answer in one short sentence. " * 12}]
+    before = 0
+    for q in ("What is the capital of France?", "And of Spain?", "Which of the two is larger?"):
+        msgs.append({"role": "user", "content": q})
+        ids = expert.codec.chat_prompt(msgs)[0]
+        other = warm.add(warm.make_sequence(chat_ids(expert, "Name a colour."), params))  # takes a slot too
+        [seq] = warm.generate([ids], params)
+        [ref] = cold.generate([ids], params)
+        assert seq.output_ids == ref.output_ids and other.finished and ref.cached == 0
+        assert seq.cached >= before  # at least the last turn's prompt (and with a chat template its answer)
+        before = len(ids)
+        msgs.append({"role": "assistant", "content": seq.text})
+    assert seq.cached > 100 and len(ids) - seq.cached < 40  # the last turn prefilled little more than its message
+
+
+def test_prefix_cache_keeps_what_an_aborted_prefill_wrote(smol):
+    ids = chat_ids(smol, "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 12)
+    eng = Engine(smol, EngineConfig(max_batch=2, max_seq_len=512, prefill_chunk=64))
+    seq = eng.add(eng.make_sequence(ids, GREEDY))
+    eng.step()
+    eng.abort(seq)
+    assert seq.prefilled == 64
+    [again] = eng.generate([ids], GREEDY)
+    [cold] = Engine(smol, EngineConfig(max_batch=2, max_seq_len=512, prefix_cache=False)).generate([ids], GREEDY)
+    assert again.cached == 64 and again.output_ids == cold.output_ids
+
+
+def test_a_reimported_expert_reuses_no_kept_prefix(smol):
+    import dataclasses
+
+    eng = Engine(smol, EngineConfig(max_batch=2, max_seq_len=512))
+    eng.generate([chat_ids(smol, "What is the capital of France?")], GREEDY)
+    eng.bind(dataclasses.replace(smol))  # the same import, acquired again
+    assert eng.kv.kept
+    eng.bind(dataclasses.replace(smol, version=("another", "import")))
+    assert not eng.kv.kept
+
+
+def test_kv_slots_kept_for_their_prefix():
+    from coeserve.engine.kv_cache import MIN_REUSE
+    from coeserve.formats.synthetic import synthetic_config
+
+    kv = KVCache(synthetic_config("tiny"), 4, 64, torch.float32, "cpu")
+    a, b = list(range(100, 120)), list(range(200, 230))
+    assert kv.allocate(a) == (0, 0) and kv.allocate(b) == (1, 0) and kv.allocate() == (2, 0)
+    kv.release(0, a)
+    kv.release(1, b)
+    assert kv.allocate(b[:25] + [1, 2]) == (1, 25)  # the longest kept prefix, though not the lowest slot
+    assert kv.allocate(list(a)) == (0, len(a) - 1)  # never the whole prompt: its last token must run
+    kv.release(0, a)
+    assert kv.allocate(a[:MIN_REUSE - 1] + [5, 6]) == (0, 0)  # too short to matter: the lowest slot, fresh
+    kv.release(0, a)
+    kv.forget()  # the weights changed
+    assert kv.allocate(a + [1]) == (0, 0)
+
+
+def test_static_padding_leaves_kept_prefixes_intact():
+    """The static compiled step (CUDA's) writes the rows of free slots as padding: not where a kept
+    prefix lies, so a prompt that reuses a free slot after such steps still answers as a cold engine."""
+    from coeserve.engine.engine import Expert
+    from coeserve.engine.load import bind_image
+    from coeserve.formats.synthetic import random_image, synthetic_config
+    from coeserve.models import build_model
+
+    cfg = synthetic_config("tiny")
+    index, buf = random_image(cfg, seed=4)
+    model = build_model(cfg, max_len=256)
+    bind_image(model, buf, index, torch.float32)
+    expert = Expert("tiny", cfg, model, None, torch.device("cpu"), torch.float32)
+    first, long = list(range(50, 80)), [7, 8, 9]
+    eng = Engine(expert, EngineConfig(max_batch=2, max_seq_len=256, fused=True, static_shapes=True))
+    short = eng.add(eng.make_sequence(first, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)))
+    eng.add(eng.make_sequence(long, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))
+    eng.run_until_done()  # after `short` ends, slot 0 is padding in the long one's steps
+    follow = first + short.output_ids + [90, 91]
+    [warm] = eng.generate([follow], GREEDY)
+    [cold] = Engine(expert, EngineConfig(max_batch=2, max_seq_len=256, prefix_cache=False)).generate([follow], GREEDY)
+    assert warm.cached == len(first) + 2 and warm.output_ids == cold.output_ids
+
+
+@pytest.mark.parametrize("which", ["smol", "gemma"])
 def test_a_batch_with_gaps_in_its_slots_decodes_as_each_alone(which, request):
     """When a sequence in the middle of the slots finishes, the others decode over the slot range with
     a gap in it (attention over the range's view, not a gather), and a prompt that joins then is

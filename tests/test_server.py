@@ -180,6 +180,19 @@ def test_penalties_and_sampling_extensions(live):
                                   extra_body={"min_p": 1.0}).choices[0].message.content
 
 
+def test_a_chats_next_turn_reports_its_cached_prompt_tokens(live):
+    c = live.client()
+    msgs = [{"role": "system", "content": "Answer briefly. " * 20}, {"role": "user", "content": "Name a fruit."}]
+    first = c.chat.completions.create(model=SMOL, messages=msgs, max_tokens=8, temperature=0)
+    before = live.metric("coe_tokens_total", expert=SMOL, kind="cached")
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "Another one?"}]
+    second = c.chat.completions.create(model=SMOL, messages=msgs, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+    assert live.metric("coe_tokens_total", expert=SMOL, kind="cached") - before == cached
+
+
 def test_n_choices_streamed_and_not(live):
     """n samples of one prompt: with a seed, choice j is the sample of seed + j, the same whether streamed
     or not and whatever else shares the batch; usage counts the prompt once and every choice's tokens."""

@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fused", action="store_true", default=None,
                    help="decode steps through torch.compile (CUDA graphs on CUDA), one compiled step per model "
                         "config shared by its experts, compiled before the server is ready (minutes on a CPU)")
+    s.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
+                   help="prefill every prompt whole (by default a prompt reuses a free KV slot that holds its "
+                        "first tokens, e.g. the last turn of a chat)")
     _tier_options(s, verbose=False)
     s.add_argument("--ray", action="store_true", help="run as a Ray Serve app (pip install coeserve[ray])")
     s.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
@@ -270,7 +273,7 @@ def cmd_serve(args) -> None:
     from coeserve.server.serve import load_config, run
 
     names = ("host", "port", "api_key", "router", "schedule", "max_batch", "max_seq_len", "max_wait", "device",
-             "dtype", "fused", "host_memory", "device_slots", "policy")
+             "dtype", "fused", "prefix_cache", "host_memory", "device_slots", "policy")
     over = {n: getattr(args, n) for n in names}
     over["home"] = args.home
     over["experts"] = tuple(args.experts.split(",")) if args.experts else None

@@ -92,6 +92,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64))
     static_shapes: bool | None = None  # fused steps padded to fixed shapes; None = on CUDA only
+    prefix_cache: bool = True  # a prompt reuses a free KV slot that holds its first tokens (kv_cache.py)
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_seq_len < 2 or self.prefill_chunk < 1:

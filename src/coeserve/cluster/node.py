@@ -71,7 +71,8 @@ class CoENode:
                     yield {"kind": "error", "message": f"{type(value).__name__}: {value}"}
                 else:
                     yield {"kind": "done", "text": value.text, "finish_reason": value.finish_reason,
-                           "output_ids": list(value.output_ids), "logprobs": list(value.logprobs)}
+                           "output_ids": list(value.output_ids), "logprobs": list(value.logprobs),
+                           "cached": value.cached}
                 return
         finally:
             if not finished:

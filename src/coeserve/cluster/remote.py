@@ -68,6 +68,6 @@ class RemoteScheduler:
             else:
                 seq = job.seq
                 seq.text, seq.finish_reason, seq.output_ids = ev["text"], ev["finish_reason"], ev["output_ids"]
-                seq.logprobs = ev["logprobs"]
+                seq.logprobs, seq.cached = ev["logprobs"], ev["cached"]
                 job.on_event("done", seq)
                 return

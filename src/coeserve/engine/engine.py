@@ -33,6 +33,7 @@ class Expert:
     codec: Codec | None  # None: token ids in and out, no text (random-weight benchmark experts)
     device: torch.device
     dtype: torch.dtype
+    version: object = None  # which import of the expert's weights (a re-import changes it)
 
 
 class Engine:
@@ -65,6 +66,8 @@ class Engine:
         slot's). Sequences in flight keep their KV cache."""
         if expert.cfg != self.expert.cfg:
             raise ValueError(f"engine for {self.expert.name} cannot run {expert.name}: another model config")
+        if expert.version != self.expert.version:
+            self.kv.forget()  # re-imported: what free slots hold came from the old weights
         self.expert = expert
         self.runner.bind(expert.model)
 
@@ -156,7 +159,8 @@ class Engine:
             seq = self.waiting.popleft()
             if seq.finished:  # aborted while waiting
                 continue
-            seq.slot = self.kv.allocate()
+            seq.slot, seq.cached = self.kv.allocate(seq.prompt_ids if self.config.prefix_cache else None)
+            seq.prefilled = seq.cached
             seq.status = Status.PREFILL
             self.prefilling.append(seq)
 
@@ -216,7 +220,11 @@ class Engine:
             self._emit(seq, final=True)
         seq.status = Status.FINISHED
         if seq.slot >= 0:
-            self.kv.release(seq.slot)
+            # The keys and values written: the prompt as far as prefilled, then each output token but
+            # the last (the next step would have fed it).
+            written = seq.prompt_ids[:seq.prefilled] if seq.prefilled < len(seq.prompt_ids) else \
+                (seq.prompt_ids + seq.output_ids)[:seq.length - 1]
+            self.kv.release(seq.slot, written if self.config.prefix_cache else None)
             seq.slot = -1
         if seq in self.prefilling:
             self.prefilling.remove(seq)

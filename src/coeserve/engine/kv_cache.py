@@ -1,6 +1,11 @@
 """The KV cache: per layer, one [slots, kv_heads, max_len, head_dim] tensor for keys and one for values,
 allocated once. A sequence owns a slot for its life; its token at position p lives at index p.
 
+A slot given back keeps what its sequence wrote, and the cache remembers those tokens (`release`), so a
+later prompt that begins with them takes that slot and skips their prefill (`allocate`): the prefix
+cache, at a slot's granularity. A multi-turn chat, whose next prompt is the last one plus the answer
+plus a new message, prefills only the new message.
+
 The tensors may be carved from a byte buffer an earlier cache no longer needs (`spares=`), so a server
 that makes caches for expert after expert zeroes its memory once, not at every switch. Positions a
 sequence has not written hold zeros or an earlier sequence's finite values; attention never weighs them."""
@@ -13,6 +18,20 @@ from coeserve.config import ModelConfig
 
 class CacheFull(RuntimeError):
     pass
+
+
+MIN_REUSE = 8  # prompt tokens a kept slot must hold to be reused for them (fewer: the lowest slot wins)
+
+
+def _common(a, b, limit: int) -> int:
+    """Length of the common prefix of sequences a and b, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    if a[:n] == b[:n]:
+        return n
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class KVCache:
@@ -35,6 +54,7 @@ class KVCache:
         self.k, self.v = list(views[0::2]), list(views[1::2])
         self.num_slots, self.max_len = num_slots, max_len
         self.free = list(range(num_slots))
+        self.kept: dict[int, list[int]] = {}  # free slot → the tokens whose keys and values it still holds
         self.read_len = max_len
         self.span: tuple[int, int] | None = None  # slots lo..hi when the step's slots are contiguous
 
@@ -42,15 +62,32 @@ class KVCache:
     def nbytes(cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype) -> int:
         return 2 * cfg.num_layers * num_slots * cfg.num_kv_heads * max_len * cfg.head_dim * dtype.itemsize
 
-    def allocate(self) -> int:
+    def allocate(self, prompt: list[int] | None = None) -> tuple[int, int]:
+        """A free slot and how many of `prompt`'s first tokens it already holds: the slot that holds
+        the longest run of them (at least MIN_REUSE, and never the whole prompt: its last token must run
+        to give logits), else the lowest free slot (low slots keep compiled steps' batches small)."""
         if not self.free:
             raise CacheFull("no free KV cache slot")
         self.free.sort()
-        return self.free.pop(0)
+        best, reuse = self.free[0], 0
+        for slot in self.free if prompt else ():
+            n = _common(self.kept.get(slot, ()), prompt, len(prompt) - 1)
+            if n >= MIN_REUSE and n > reuse:
+                best, reuse = slot, n
+        self.free.remove(best)
+        self.kept.pop(best, None)
+        return best, reuse
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, tokens: list[int] | None = None) -> None:
+        """Give a slot back; `tokens`: those whose keys and values it holds at positions 0, 1, ..."""
         if slot not in self.free:
             self.free.append(slot)
+            if tokens:
+                self.kept[slot] = tokens
+
+    def forget(self) -> None:
+        """Drop what free slots hold (the expert's weights changed: their keys and values are stale)."""
+        self.kept.clear()
 
     def set_step(self, slots: list[int], read_len: int, views: bool = True) -> None:
         """Before a forward: how many positions attention reads, and whether slots form a range

@@ -159,9 +159,10 @@ class Runner:
         step at batch 16 on a 7B model), and the attended length is rounded up to LEN_BUCKET. In a
         decode-only step every slot without a running sequence is free (a sequence still being prefilled
         makes the step a packed one), so the rows of those slots are padding and write only there, at
-        position 0, which a sequence that takes the slot later overwrites first."""
+        the last position, which no sequence's kept prefix reaches (the cache keeps at most max_len - 1
+        of a slot's positions) and a sequence overwrites before it reads it."""
         bucket = next(b for b in self.buckets if b > max(s.slot for s in seqs))
-        tokens, positions = [0] * bucket, [0] * bucket
+        tokens, positions = [0] * bucket, [self.kv.max_len - 1] * bucket
         for s in seqs:
             tokens[s.slot], positions[s.slot] = s.last_token, s.length - 1
         self.kv.set_step(list(range(bucket)), min(-(-read_len // LEN_BUCKET) * LEN_BUCKET, self.kv.max_len))

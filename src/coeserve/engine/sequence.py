@@ -76,6 +76,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the KV cache
+    cached: int = 0  # of them, those found there (the prefix cache), not computed
     text: str = ""  # final output text (stop strings cut)
     emitted: int = 0  # characters of `text` passed to on_text
     detok: object | None = None  # the tokenizer's TextStream of output_ids, made at the first token

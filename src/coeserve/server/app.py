@@ -270,13 +270,12 @@ async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool):
     headers = {"x-coe-expert": ",".join(p.expert for p in prompts),
                "x-coe-category": ",".join(p.route[0] for p in prompts),
                "x-coe-confidence": ",".join(f"{p.route[1]:.4f}" for p in prompts)}
-    prompt_tokens = sum(len(p.ids) for p in prompts)
     from coeserve.server.stream import collect, stream
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream(state, model, jobs, prompt_tokens, events, chat, include),
+        return StreamingResponse(stream(state, model, jobs, body.n, events, chat, include),
                                  media_type="text/event-stream", headers=headers)
-    out = await collect(state, request, model, jobs, prompt_tokens, events, chat)
+    out = await collect(state, request, model, jobs, body.n, events, chat)
     return JSONResponse(out, headers=headers, status_code=200 if "error" not in out else 500)
 
 

@@ -33,6 +33,7 @@ class ServeConfig:
     device: str = "auto"
     dtype: str = "auto"  # compute dtype: fp32 on CPU, bf16 on CUDA; an image in another dtype is cast once
     fused: bool = False  # decode steps through torch.compile (and CUDA graphs on CUDA)
+    prefix_cache: bool = True  # a prompt reuses a free KV slot holding its first tokens (engine/kv_cache.py)
 
     def __post_init__(self):
         if self.dtype not in COMPUTE_DTYPES:
@@ -92,7 +93,7 @@ def build_node(cfg: ServeConfig, disk, metrics=None, experts: list[str] = ()):
         disk.image_dir(name, dtype_name(store.dtype),
                        on_cast=lambda n, d: print(f"coeserve: casting {n} to {d} (once; kept on disk)", flush=True))
     engine_cfg = EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, device=cfg.device,
-                              dtype=cfg.dtype, fused=cfg.fused)
+                              dtype=cfg.dtype, fused=cfg.fused, prefix_cache=cfg.prefix_cache)
     sched = Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=metrics)
     sched.reserve_kv(list(experts))
     if cfg.fused:

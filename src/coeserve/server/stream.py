@@ -20,9 +20,10 @@ class _Tally:
     """Metrics for one HTTP request: time to its first token, the gaps between each choice's text
     events, and at the end the request's status and token counts."""
 
-    def __init__(self, state, jobs, prompt_tokens: int):
-        self.state, self.jobs, self.prompt_tokens = state, jobs, prompt_tokens
+    def __init__(self, state, jobs, n: int):
+        self.state, self.jobs, self.n = state, jobs, n  # jobs[i*n + j]: prompt i's choice j
         self.expert, self.first, self.last = jobs[0].expert, True, {}
+        self.prompt_tokens = sum(len(job.seq.prompt_ids) for job in jobs[::n])  # each prompt once
 
     def text(self, index: int, at: float) -> None:
         m = self.state.metrics
@@ -39,13 +40,20 @@ class _Tally:
             m.requests.labels(self.expert, status).inc()
             m.tokens.labels(self.expert, "prompt").inc(self.prompt_tokens)
             m.tokens.labels(self.expert, "completion").inc(self.completion_tokens)
+            m.tokens.labels(self.expert, "cached").inc(self.cached_tokens)
 
     @property
     def completion_tokens(self) -> int:
         return sum(len(job.seq.output_ids) for job in self.jobs)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens found in the KV cache (the prefix cache): per prompt, its best choice's."""
+        return sum(max(job.seq.cached for job in self.jobs[i:i + self.n]) for i in range(0, len(self.jobs), self.n))
+
     def usage(self) -> dict:
-        return schemas.usage(self.prompt_tokens, self.completion_tokens)
+        return {**schemas.usage(self.prompt_tokens, self.completion_tokens),
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}  # as OpenAI gives it
 
 
 def _logprobs(state, job, chat: bool):
@@ -61,10 +69,9 @@ def _cancel(state, jobs, done: set) -> None:
             state.scheduler.cancel(job)
 
 
-async def stream(state, model: str, jobs, prompt_tokens: int, events: asyncio.Queue, chat: bool,
-                 include_usage: bool):
+async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: bool, include_usage: bool):
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
-    tally, done, failed = _Tally(state, jobs, prompt_tokens), set(), False
+    tally, done, failed = _Tally(state, jobs, n), set(), False
     logprobs = [_logprobs(state, job, chat) for job in jobs]
     sent = [0] * len(jobs)  # per choice, the tokens whose logprobs went out
     try:
@@ -105,9 +112,9 @@ async def stream(state, model: str, jobs, prompt_tokens: int, events: asyncio.Qu
                 state.metrics.requests.labels(jobs[0].expert, "cancelled").inc()
 
 
-async def collect(state, request, model: str, jobs, prompt_tokens: int, events: asyncio.Queue, chat: bool) -> dict:
+async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queue, chat: bool) -> dict:
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
-    tally, done = _Tally(state, jobs, prompt_tokens), set()
+    tally, done = _Tally(state, jobs, n), set()
     while len(done) < len(jobs):
         try:
             i, kind, payload, at = await asyncio.wait_for(events.get(), 0.5)

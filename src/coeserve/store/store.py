@@ -150,7 +150,7 @@ class ExpertStore:
         except BaseException:
             self.unpin(name)
             raise
-        return Expert(name, e.cfg, model, e.codec or None, self.device, self.dtype)
+        return Expert(name, e.cfg, model, e.codec or None, self.device, self.dtype, e.file)
 
     def release(self, name: str) -> None:
         self.unpin(name)
