@@ -378,6 +378,28 @@ def test_prefix_cache_a_chat_prefills_only_its_new_turn_and_answers_as_a_cold_en
     assert seq.cached > 100 and len(ids) - seq.cached < 40  # the last turn prefilled little more than its message
 
 
+def test_prompts_in_flight_together_share_their_common_start(smol):
+    """Samples of one prompt and prompts with one system prompt, admitted together: the first computes
+    the common start, the others copy it from its slot, and every one generates a cold engine's tokens.
+    A sequence whose source is aborted before the copy computes the start itself."""
+    system = "You are a terse assistant. Reply with one word. " * 6
+    prompts = [smol.codec.chat_prompt([{"role": "system", "content": system}, {"role": "user", "content": q}])[0]
+               for q in ("Name a colour.", "Name a colour.", "Name a fruit.")]
+    start = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[2])) if a != b)
+    eng = Engine(smol, EngineConfig(max_batch=4, max_seq_len=512))
+    seqs = eng.generate(prompts, GREEDY)
+    cold = Engine(smol, EngineConfig(max_batch=4, max_seq_len=512, prefix_cache=False)).generate(prompts, GREEDY)
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in cold]
+    assert [s.cached for s in seqs] == [0, len(prompts[1]) - 1, start] and start > 50
+    eng = Engine(smol, EngineConfig(max_batch=4, max_seq_len=512, prefill_chunk=32))
+    src, waiter = eng.add(eng.make_sequence(prompts[0], GREEDY)), eng.add(eng.make_sequence(prompts[2], GREEDY))
+    eng.step()
+    assert waiter.source is not None and waiter.prefilled == 0 and src.prefilled == 32
+    eng.abort(src)
+    eng.run_until_done()
+    assert waiter.cached == 0 and waiter.output_ids == cold[2].output_ids
+
+
 def test_prefix_cache_keeps_what_an_aborted_prefill_wrote(smol):
     ids = chat_ids(smol, "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 12)
     eng = Engine(smol, EngineConfig(max_batch=2, max_seq_len=512, prefill_chunk=64))

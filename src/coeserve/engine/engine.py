@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from coeserve.config import EngineConfig, ModelConfig
-from coeserve.engine.kv_cache import KVCache
+from coeserve.engine.kv_cache import MIN_REUSE, KVCache, common
 from coeserve.engine.runner import Runner
 from coeserve.engine.sampler import sample, token_logprobs
 from coeserve.engine.sequence import SamplingParams, Sequence, Status
@@ -104,6 +104,7 @@ class Engine:
         done: list[Sequence] = []
         self._drain_inbox()
         self._admit()
+        self._copy_shared()
         decoding = list(self.running)
         chunks = self._chunks()
         if chunks:
@@ -148,6 +149,8 @@ class Engine:
         for seq in self.prefilling:
             if budget == 0:
                 break
+            if seq.source is not None:
+                continue  # its start is being computed in another slot (_share)
             lo = seq.prefilled
             hi = min(len(seq.prompt_ids), lo + budget)
             chunks.append((seq, lo, hi))
@@ -161,8 +164,34 @@ class Engine:
                 continue
             seq.slot, seq.cached = self.kv.allocate(seq.prompt_ids if self.config.prefix_cache else None)
             seq.prefilled = seq.cached
+            if self.config.prefix_cache:
+                self._share(seq)
             seq.status = Status.PREFILL
             self.prefilling.append(seq)
+
+    def _share(self, seq: Sequence) -> None:
+        """If a sequence in flight has a prompt that starts as `seq`'s does, further than what seq's slot
+        holds, seq waits for that start and copies it (n samples of one prompt, chats with one system
+        prompt) instead of computing it again."""
+        best, n = None, seq.cached
+        for other in (*self.running, *self.prefilling):
+            m = common(other.prompt_ids, seq.prompt_ids, len(seq.prompt_ids) - 1)
+            if m >= MIN_REUSE and m > n:
+                best, n = other, m
+        seq.source = (best, n) if best is not None else None
+
+    def _copy_shared(self) -> None:
+        """Copy into each waiting sequence's slot the start its source has now computed."""
+        for seq in self.prefilling:
+            if seq.source is None:
+                continue
+            src, n = seq.source
+            if src.slot < 0:  # the source ended first (an abort): compute it after all
+                seq.source = None
+            elif src.prefilled >= n:
+                self.kv.copy(src.slot, seq.slot, n)
+                seq.prefilled = seq.cached = n
+                seq.source = None
 
     def _append(self, seq: Sequence, token: int, done: list[Sequence], logprob=None) -> None:
         codec, p = self.expert.codec, seq.params

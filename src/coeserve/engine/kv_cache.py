@@ -4,7 +4,9 @@ allocated once. A sequence owns a slot for its life; its token at position p liv
 A slot given back keeps what its sequence wrote, and the cache remembers those tokens (`release`), so a
 later prompt that begins with them takes that slot and skips their prefill (`allocate`): the prefix
 cache, at a slot's granularity. A multi-turn chat, whose next prompt is the last one plus the answer
-plus a new message, prefills only the new message.
+plus a new message, prefills only the new message. Prompts in flight together that start alike (n
+samples of one prompt, chats with one system prompt) share too: the engine copies the common start
+from the slot that computed it (`copy`).
 
 The tensors may be carved from a byte buffer an earlier cache no longer needs (`spares=`), so a server
 that makes caches for expert after expert zeroes its memory once, not at every switch. Positions a
@@ -23,7 +25,7 @@ class CacheFull(RuntimeError):
 MIN_REUSE = 8  # prompt tokens a kept slot must hold to be reused for them (fewer: the lowest slot wins)
 
 
-def _common(a, b, limit: int) -> int:
+def common(a, b, limit: int) -> int:
     """Length of the common prefix of sequences a and b, at most `limit`."""
     n = min(len(a), len(b), limit)
     if a[:n] == b[:n]:
@@ -71,7 +73,7 @@ class KVCache:
         self.free.sort()
         best, reuse = self.free[0], 0
         for slot in self.free if prompt else ():
-            n = _common(self.kept.get(slot, ()), prompt, len(prompt) - 1)
+            n = common(self.kept.get(slot, ()), prompt, len(prompt) - 1)
             if n >= MIN_REUSE and n > reuse:
                 best, reuse = slot, n
         self.free.remove(best)
@@ -84,6 +86,11 @@ class KVCache:
             self.free.append(slot)
             if tokens:
                 self.kept[slot] = tokens
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Positions 0..n-1 of slot `src` into slot `dst`, every layer's keys and values."""
+        for layer in (*self.k, *self.v):
+            layer[dst, :, :n].copy_(layer[src, :, :n])
 
     def forget(self) -> None:
         """Drop what free slots hold (the expert's weights changed: their keys and values are stale)."""

@@ -77,6 +77,7 @@ class Sequence:
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the KV cache
     cached: int = 0  # of them, those found there (the prefix cache), not computed
+    source: tuple | None = None  # (sequence, n): copy its first n prompt positions once it has them
     text: str = ""  # final output text (stop strings cut)
     emitted: int = 0  # characters of `text` passed to on_text
     detok: object | None = None  # the tokenizer's TextStream of output_ids, made at the first token

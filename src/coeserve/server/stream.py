@@ -48,8 +48,9 @@ class _Tally:
 
     @property
     def cached_tokens(self) -> int:
-        """Prompt tokens found in the KV cache (the prefix cache): per prompt, its best choice's."""
-        return sum(max(job.seq.cached for job in self.jobs[i:i + self.n]) for i in range(0, len(self.jobs), self.n))
+        """Prompt tokens found in the KV cache (the prefix cache), per prompt those none of its choices
+        computed (its samples copy from one another what one of them computes)."""
+        return sum(min(job.seq.cached for job in self.jobs[i:i + self.n]) for i in range(0, len(self.jobs), self.n))
 
     def usage(self) -> dict:
         return {**schemas.usage(self.prompt_tokens, self.completion_tokens),
