@@ -14,6 +14,8 @@ import torch
 
 from coeserve.config import EngineConfig, ModelConfig
 from coeserve.engine.kv_cache import MIN_REUSE, KVCache, common
+
+WAIT_REUSE = 64  # prompt tokens worth waiting a step for, to copy them from a sequence computing them
 from coeserve.engine.runner import Runner
 from coeserve.engine.sampler import sample, token_logprobs
 from coeserve.engine.sequence import SamplingParams, Sequence, Status
@@ -162,7 +164,7 @@ class Engine:
             seq = self.waiting.popleft()
             if seq.finished:  # aborted while waiting
                 continue
-            seq.slot, seq.cached = self.kv.allocate(seq.prompt_ids if self.config.prefix_cache else None)
+            seq.slot, seq.cached = self.kv.allocate_for(seq.prompt_ids if self.config.prefix_cache else None)
             seq.prefilled = seq.cached
             if self.config.prefix_cache:
                 self._share(seq)
@@ -171,12 +173,13 @@ class Engine:
 
     def _share(self, seq: Sequence) -> None:
         """If a sequence in flight has a prompt that starts as `seq`'s does, further than what seq's slot
-        holds, seq waits for that start and copies it (n samples of one prompt, chats with one system
-        prompt) instead of computing it again."""
+        holds, seq copies that start from its slot (n samples of one prompt, chats with one system prompt)
+        instead of computing it again: at once if it is computed, else after waiting for it, which costs
+        seq a step and so only pays for a long start (WAIT_REUSE tokens)."""
         best, n = None, seq.cached
         for other in (*self.running, *self.prefilling):
             m = common(other.prompt_ids, seq.prompt_ids, len(seq.prompt_ids) - 1)
-            if m >= MIN_REUSE and m > n:
+            if m > n and (m >= WAIT_REUSE or (m >= MIN_REUSE and other.prefilled >= m)):
                 best, n = other, m
         seq.source = (best, n) if best is not None else None
 

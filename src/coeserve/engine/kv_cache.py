@@ -64,10 +64,14 @@ class KVCache:
     def nbytes(cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype) -> int:
         return 2 * cfg.num_layers * num_slots * cfg.num_kv_heads * max_len * cfg.head_dim * dtype.itemsize
 
-    def allocate(self, prompt: list[int] | None = None) -> tuple[int, int]:
-        """A free slot and how many of `prompt`'s first tokens it already holds: the slot that holds
-        the longest run of them (at least MIN_REUSE, and never the whole prompt: its last token must run
-        to give logits), else the lowest free slot (low slots keep compiled steps' batches small)."""
+    def allocate(self) -> int:
+        """The lowest free slot (low slots keep compiled steps' batches small)."""
+        return self.allocate_for(None)[0]
+
+    def allocate_for(self, prompt: list[int] | None) -> tuple[int, int]:
+        """A free slot for `prompt` and how many of its first tokens the slot already holds: the slot
+        that holds the longest run of them (at least MIN_REUSE, and never the whole prompt: its last
+        token must run to give logits), else the lowest free slot."""
         if not self.free:
             raise CacheFull("no free KV cache slot")
         self.free.sort()
