@@ -1,12 +1,14 @@
 """Prefix-cache benchmark: multi-turn chats on the engine with the prefix cache and without it, in one run
-on the same weights. Several conversations run side by side (a batch per turn); each turn's prompt is
-the whole conversation so far (a shared system prompt, every earlier question and answer, the new
-question). Reports, per turn, the mean time to first token and the prompt tokens computed, for both,
+on the same weights. Several conversations run side by side (a batch per turn), or with
+`--one-at-a-time` their turns are served one after another (a chat UI's users taking turns); each
+turn's prompt is the whole conversation so far (a shared system prompt, every earlier question and
+answer, the new question). Reports, per turn, the mean time to first token and the prompt tokens computed, for both,
 and the ratios of mean time to first token: on the first turn (the chats share their system prompt)
 and over the turns after it. Ends with one JSON line.
 
     python bench/prefix.py                           # CPU: SmolLM2-135M-Instruct, fp32
     python bench/prefix.py --out bench/results/prefix-cpu.json
+    python bench/prefix.py --one-at-a-time --out bench/results/prefix-cpu-one-at-a-time.json
 """
 from __future__ import annotations
 
@@ -30,27 +32,32 @@ QUESTIONS = ["What does a compiler do?", "Why do caches make programs faster?", 
              "How does a garbage collector find unused memory?"]
 
 
-def converse(engine: Engine, codec, chats: int, turns: int, tokens: int) -> list[dict]:
-    """Run `chats` conversations of `turns` turns; per turn, mean time to first token and the prompt
-    tokens computed (not found in the cache), and the answers (to check both runs agree)."""
+def converse(engine: Engine, codec, chats: int, turns: int, tokens: int, together: bool = True) -> list[dict]:
+    """Run `chats` conversations of `turns` turns, each turn's prompts side by side (`together`) or one
+    after another; per turn, mean time to first token and the prompt tokens computed (not found in the
+    cache), and the answers (to check both runs agree)."""
     histories = [[{"role": "system", "content": SYSTEM}] for _ in range(chats)]
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     out = []
     for t in range(turns):
-        seqs = []
-        for c, h in enumerate(histories):
-            h.append({"role": "user", "content": QUESTIONS[(c + t) % len(QUESTIONS)]})
-            seqs.append(engine.add(engine.make_sequence(codec.chat_prompt(h)[0], params)))
-        start, first = time.perf_counter(), {}
-        while engine.has_work:
-            engine.step()
-            sync(engine.expert.device)
-            now = time.perf_counter()
-            for s in seqs:
-                if s.output_ids and s.id not in first:
-                    first[s.id] = now - start
-        for h, s in zip(histories, seqs):
-            h.append({"role": "assistant", "content": s.text})
+        seqs, first = [], {}
+        for group in [histories] if together else [[h] for h in histories]:
+            batch = []
+            for h in group:
+                c = histories.index(h)
+                h.append({"role": "user", "content": QUESTIONS[(c + t) % len(QUESTIONS)]})
+                batch.append(engine.add(engine.make_sequence(codec.chat_prompt(h)[0], params)))
+            seqs += batch
+            start = time.perf_counter()
+            while engine.has_work:
+                engine.step()
+                sync(engine.expert.device)
+                now = time.perf_counter()
+                for s in batch:
+                    if s.output_ids and s.id not in first:
+                        first[s.id] = now - start
+            for h, s in zip(group, batch):
+                h.append({"role": "assistant", "content": s.text})
         out.append({"ttft_s": sum(first.values()) / len(seqs), "prompt_tokens": sum(len(s.prompt_ids) for s in seqs),
                     "computed_tokens": sum(len(s.prompt_ids) - s.cached for s in seqs),
                     "answers": [s.output_ids for s in seqs]})
@@ -65,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32, help="answer length")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="serve each turn's prompts one after another, not side by side")
     ap.add_argument("--out", help="write the JSON result here too")
     args = ap.parse_args(argv)
 
@@ -76,11 +85,12 @@ def main(argv=None) -> int:
     runs = {}
     for cache in (False, True, False, True):  # each twice, interleaved: the best of two counts (a noisy machine)
         engine = Engine(expert, EngineConfig(max_batch=args.chats, max_seq_len=4096, prefix_cache=cache))
-        turns = converse(engine, expert.codec, args.chats, args.turns, args.tokens)
+        turns = converse(engine, expert.codec, args.chats, args.turns, args.tokens, not args.one_at_a_time)
         name = "cache" if cache else "no_cache"
         if name in runs:
             turns = [min(a, b, key=lambda x: x["ttft_s"]) for a, b in zip(runs[name], turns)]
         runs[name] = turns
+    how = "one at a time" if args.one_at_a_time else "side by side"
     same = all(a["answers"] == b["answers"] for a, b in zip(runs["cache"], runs["no_cache"]))
     print(f"{'turn':>4s} {'prompt tok':>10s} {'computed, no cache':>18s} {'computed, cache':>15s} "
           f"{'TTFT no cache':>13s} {'TTFT cache':>10s}")
@@ -90,14 +100,15 @@ def main(argv=None) -> int:
     later = lambda run: sum(x["ttft_s"] for x in run[1:]) / max(1, len(run) - 1)
     result = {"bench": "prefix", "expert": expert.name, "device": device_name(expert.device),
               "dtype": str(expert.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-              "chats": args.chats, "turns": args.turns, "answer_tokens": args.tokens, "same_answers": same,
+              "chats": args.chats, "served": how.replace(" ", "_"), "turns": args.turns,
+              "answer_tokens": args.tokens, "same_answers": same,
               "ttft_s_no_cache": [x["ttft_s"] for x in runs["no_cache"]],
               "ttft_s_cache": [x["ttft_s"] for x in runs["cache"]],
               "computed_tokens_no_cache": [x["computed_tokens"] for x in runs["no_cache"]],
               "computed_tokens_cache": [x["computed_tokens"] for x in runs["cache"]],
               "ratio_ttft_first_turn": runs["no_cache"][0]["ttft_s"] / runs["cache"][0]["ttft_s"],
               "ratio_ttft_later_turns": later(runs["no_cache"]) / later(runs["cache"])}
-    print(f"time to first token with the prefix cache: turn 1 (one system prompt, chats side by side) "
+    print(f"time to first token with the prefix cache: turn 1 (one system prompt, chats {how}) "
           f"{result['ratio_ttft_first_turn']:.2f}x faster, turns 2-{args.turns} "
           f"{result['ratio_ttft_later_turns']:.2f}x; same answers: {same}")
     write_result(result, args.out)

@@ -429,17 +429,47 @@ def test_kv_slots_kept_for_their_prefix():
     from coeserve.formats.synthetic import synthetic_config
 
     kv = KVCache(synthetic_config("tiny"), 4, 64, torch.float32, "cpu")
+    for layer in (*kv.k, *kv.v):
+        layer.copy_(torch.randn_like(layer))
     a, b = list(range(100, 120)), list(range(200, 230))
     assert kv.allocate_for(a) == (0, 0) and kv.allocate_for(b) == (1, 0) and kv.allocate() == 2
     kv.release(0, a)
     kv.release(1, b)
-    assert kv.allocate_for(b[:25] + [1, 2]) == (1, 25)  # the longest kept prefix, though not the lowest slot
-    assert kv.allocate_for(list(a)) == (0, len(a) - 1)  # never the whole prompt: its last token must run
+    # Part of what slot 1 holds: its run is copied into the slot that holds nothing, and slot 1 keeps b.
+    assert kv.allocate_for(b[:25] + [1, 2]) == (3, 25) and kv.kept[1] == b
+    assert all(torch.equal(layer[3, :, :25], layer[1, :, :25]) for layer in (*kv.k, *kv.v))
+    assert kv.allocate_for(a + [5]) == (0, 20)  # all slot 0 holds, continued: slot 0 itself
     kv.release(0, a)
-    assert kv.allocate_for(a[:MIN_REUSE - 1] + [5, 6]) == (0, 0)  # too short to matter: the lowest slot, fresh
+    # Never the whole prompt (its last token must run); slot 1 (b) is the least recently used: given up.
+    assert kv.allocate_for(list(a)) == (1, len(a) - 1) and 1 not in kv.kept and kv.kept[0] == a
+    kv.release(1, b)
+    # Too short to matter: the least recently used slot (0, last copied from before 1 came back), fresh.
+    assert kv.allocate_for(a[:MIN_REUSE - 1] + [5, 6]) == (0, 0) and kv.kept == {1: b}
     kv.release(0, a)
     kv.forget()  # the weights changed
-    assert kv.allocate_for(a + [1]) == (0, 0)
+    assert kv.allocate_for(b + [1]) == (1, 0) and kv.allocate() == 0
+
+
+def test_chats_served_one_after_another_each_keep_their_conversation(smol):
+    """Three chats with one system prompt, their turns served one at a time on a 3-slot engine: each
+    turn finds its whole chat so far (the turns of the others in between take other slots, copying the
+    system prompt), and answers as a cold engine does."""
+    system = "You answer in one short sentence and never more than that. " * 8
+    chats = [[{"role": "system", "content": system}] for _ in range(3)]
+    warm = Engine(smol, EngineConfig(max_batch=3, max_seq_len=1024))
+    cold = Engine(smol, EngineConfig(max_batch=3, max_seq_len=1024, prefix_cache=False))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    before = [0, 0, 0]
+    for turn, q in enumerate(("Name a city.", "Why that one?")):
+        for c, msgs in enumerate(chats):
+            msgs.append({"role": "user", "content": f"{q} ({c})"})
+            ids = smol.codec.chat_prompt(msgs)[0]
+            [seq], [ref] = warm.generate([ids], params), cold.generate([ids], params)
+            assert seq.output_ids == ref.output_ids
+            # Turn 1: the system prompt (but the first chat's), then the whole chat so far.
+            assert seq.cached >= (before[c] if turn else 80 if c else 0), (turn, c)
+            before[c] = len(ids)
+            msgs.append({"role": "assistant", "content": seq.text})
 
 
 def test_static_padding_leaves_kept_prefixes_intact():

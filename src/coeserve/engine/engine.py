@@ -14,12 +14,12 @@ import torch
 
 from coeserve.config import EngineConfig, ModelConfig
 from coeserve.engine.kv_cache import MIN_REUSE, KVCache, common
-
-WAIT_REUSE = 64  # prompt tokens worth waiting a step for, to copy them from a sequence computing them
 from coeserve.engine.runner import Runner
 from coeserve.engine.sampler import sample, token_logprobs
 from coeserve.engine.sequence import SamplingParams, Sequence, Status
 from coeserve.engine.tokenizer import Codec
+
+WAIT_REUSE = 64  # prompt tokens worth waiting a step for, to copy them from a sequence computing them
 
 
 class PromptTooLong(ValueError):
@@ -164,7 +164,10 @@ class Engine:
             seq = self.waiting.popleft()
             if seq.finished:  # aborted while waiting
                 continue
-            seq.slot, seq.cached = self.kv.allocate_for(seq.prompt_ids if self.config.prefix_cache else None)
+            if self.config.prefix_cache:
+                seq.slot, seq.cached = self.kv.allocate_for(seq.prompt_ids)
+            else:
+                seq.slot, seq.cached = self.kv.allocate(), 0
             seq.prefilled = seq.cached
             if self.config.prefix_cache:
                 self._share(seq)

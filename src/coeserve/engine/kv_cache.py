@@ -2,11 +2,11 @@
 allocated once. A sequence owns a slot for its life; its token at position p lives at index p.
 
 A slot given back keeps what its sequence wrote, and the cache remembers those tokens (`release`), so a
-later prompt that begins with them takes that slot and skips their prefill (`allocate`): the prefix
-cache, at a slot's granularity. A multi-turn chat, whose next prompt is the last one plus the answer
-plus a new message, prefills only the new message. Prompts in flight together that start alike (n
-samples of one prompt, chats with one system prompt) share too: the engine copies the common start
-from the slot that computed it (`copy`).
+later prompt that begins with them takes that slot, or a copy of their run, and skips their prefill
+(`allocate_for`): the prefix cache, at a slot's granularity, least recently used slots given up first.
+A multi-turn chat, whose next prompt is the last one plus the answer plus a new message, prefills only
+the new message. Prompts in flight together that start alike (n samples of one prompt, chats with one
+system prompt) share too: the engine copies the common start from the slot that computed it (`copy`).
 
 The tensors may be carved from a byte buffer an earlier cache no longer needs (`spares=`), so a server
 that makes caches for expert after expert zeroes its memory once, not at every switch. Positions a
@@ -57,6 +57,8 @@ class KVCache:
         self.num_slots, self.max_len = num_slots, max_len
         self.free = list(range(num_slots))
         self.kept: dict[int, list[int]] = {}  # free slot → the tokens whose keys and values it still holds
+        self.used: dict[int, int] = {}  # slot → when it was last given back or copied from (`clock`)
+        self.clock = 0
         self.read_len = max_len
         self.span: tuple[int, int] | None = None  # slots lo..hi when the step's slots are contiguous
 
@@ -65,29 +67,47 @@ class KVCache:
         return 2 * cfg.num_layers * num_slots * cfg.num_kv_heads * max_len * cfg.head_dim * dtype.itemsize
 
     def allocate(self) -> int:
-        """The lowest free slot (low slots keep compiled steps' batches small)."""
-        return self.allocate_for(None)[0]
-
-    def allocate_for(self, prompt: list[int] | None) -> tuple[int, int]:
-        """A free slot for `prompt` and how many of its first tokens the slot already holds: the slot
-        that holds the longest run of them (at least MIN_REUSE, and never the whole prompt: its last
-        token must run to give logits), else the lowest free slot."""
+        """The lowest free slot (low slots keep compiled steps' batches small); what it kept is dropped."""
         if not self.free:
             raise CacheFull("no free KV cache slot")
-        self.free.sort()
-        best, reuse = self.free[0], 0
-        for slot in self.free if prompt else ():
+        return self._take(min(self.free))
+
+    def allocate_for(self, prompt: list[int]) -> tuple[int, int]:
+        """A free slot for `prompt` and how many of its first tokens the slot holds. The free slot that
+        holds the longest run of them (at least MIN_REUSE, and never the whole prompt: its last token must
+        run to give logits) is taken when the prompt continues all it holds (a chat's next turn) or when
+        it is the least recently used free slot anyway. Otherwise what it holds is kept for its own
+        continuation: that run is copied into the least recently used free slot, which is taken (slots
+        that hold nothing come first, lowest first). So chats that share a system prompt, served one
+        after another, each keep their own conversation."""
+        if not self.free:
+            raise CacheFull("no free KV cache slot")
+        best, reuse = None, 0
+        for slot in self.free:
             n = common(self.kept.get(slot, ()), prompt, len(prompt) - 1)
             if n >= MIN_REUSE and n > reuse:
                 best, reuse = slot, n
-        self.free.remove(best)
-        self.kept.pop(best, None)
-        return best, reuse
+        victim = min(self.free, key=lambda s: (s in self.kept, self.used.get(s, 0), s))
+        if best is not None and victim != best and len(self.kept[best]) > reuse:
+            self.copy(best, victim, reuse)
+            self._touch(best)
+            best = victim
+        return self._take(victim if best is None else best), reuse
+
+    def _take(self, slot: int) -> int:
+        self.free.remove(slot)
+        self.kept.pop(slot, None)
+        return slot
+
+    def _touch(self, slot: int) -> None:
+        self.clock += 1
+        self.used[slot] = self.clock
 
     def release(self, slot: int, tokens: list[int] | None = None) -> None:
         """Give a slot back; `tokens`: those whose keys and values it holds at positions 0, 1, ..."""
         if slot not in self.free:
             self.free.append(slot)
+            self._touch(slot)
             if tokens:
                 self.kept[slot] = tokens
 
