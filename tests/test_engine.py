@@ -217,6 +217,24 @@ def test_penalise_values():
     seq.output_ids = [1, 3, 3]
     penalise(row, seq)
     assert row.tolist() == [2.0, -1.75, 0.5, 1.75]  # output tokens only: 0.5 per time, 0.25 once
+    row = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    penalise(row, Sequence([0], SamplingParams(logit_bias=((0, -100.0), (2, 1.5)))))
+    assert row.tolist() == [-98.0, -1.0, 2.0, 3.0]
+
+
+def test_logit_bias_and_stop_token_ids(engine, smol):
+    """A bias of 100 makes a token the greedy choice at every step (a ban of -100 keeps it out); a stop
+    token id ends the output before it, with finish reason stop, even with ignore_eos."""
+    ids = chat_ids(smol, "What is the capital of France?")
+    plain = engine.generate([ids], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].output_ids
+    forced = engine.generate([ids], SamplingParams(max_tokens=4, temperature=0, logit_bias=((plain[3], 100.0),)))
+    assert forced[0].output_ids == [plain[3]] * 4
+    [banned] = engine.generate([ids], SamplingParams(max_tokens=4, temperature=0.7, seed=3,
+                                                     logit_bias=((plain[0], -100.0),)))
+    assert plain[0] not in banned.output_ids
+    [cut] = engine.generate([ids], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                  stop_token_ids=(plain[5],)))
+    assert cut.finish_reason == "stop" and cut.output_ids == plain[:plain.index(plain[5])]
 
 
 def test_stop_string_cuts_text(engine, smol):
@@ -280,7 +298,9 @@ def test_abort_frees_the_slot(engine, smol):
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2),
                                  dict(min_p=1.5), dict(presence_penalty=3), dict(frequency_penalty=-2.5),
-                                 dict(repetition_penalty=0), dict(logprobs=21), dict(logprobs=-1)])
+                                 dict(repetition_penalty=0), dict(logprobs=21), dict(logprobs=-1),
+                                 dict(logit_bias=((5, 101.0),)), dict(logit_bias=((-1, 1.0),)),
+                                 dict(stop_token_ids=(-3,))])
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -180,6 +180,68 @@ def test_penalties_and_sampling_extensions(live):
                                   extra_body={"min_p": 1.0}).choices[0].message.content
 
 
+def post(live, path: str, body: dict, key: str | None = KEY) -> tuple[int, dict]:
+    req = urllib.request.Request(live.base + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_tokenize_and_detokenize(live):
+    """vLLM's /tokenize (a prompt, or messages through the chat template) and /detokenize: the ids are
+    the ones the chat and completions endpoints count; behind the API key; clear 4xx on bad input."""
+    c = live.client()
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    status, out = post(live, "/tokenize", {"model": SMOL, "messages": msgs})
+    assert status == 200 and out["count"] == len(out["tokens"]) == ask(c, max_tokens=1).usage.prompt_tokens
+    assert out["max_model_len"] == 512
+    status, back = post(live, "/detokenize", {"model": SMOL, "tokens": out["tokens"]})
+    assert status == 200
+    assert back["prompt"].endswith("What is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    _, bare = post(live, "/tokenize", {"model": SMOL, "messages": msgs, "add_generation_prompt": False})
+    assert out["tokens"][:bare["count"]] == bare["tokens"] and bare["count"] < out["count"]
+    q = "The capital of France is"
+    _, text = post(live, "/tokenize", {"model": GEMMA, "prompt": q, "return_token_strs": True})
+    assert "".join(text["token_strs"]).endswith(q)
+    assert text["count"] == c.completions.create(model=GEMMA, prompt=q, max_tokens=1).usage.prompt_tokens
+    for body, code, needle in [({"model": "coe", "prompt": "hi"}, 400, "name an expert"),
+                               ({"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+                               ({"model": SMOL}, 400, "prompt or messages"),
+                               ({"model": SMOL, "prompt": "hi", "messages": msgs}, 400, "prompt or messages")]:
+        status, err = post(live, "/tokenize", body)
+        assert status == code and needle in err["error"]["message"]
+    status, err = post(live, "/detokenize", {"model": SMOL, "tokens": [1, 10 ** 9]})
+    assert status == 400 and "vocabulary" in err["error"]["message"]
+    assert post(live, "/tokenize", {"model": SMOL, "prompt": "hi"}, key="wrong")[0] == 401
+
+
+def test_logit_bias_and_stop_token_ids(live):
+    """OpenAI's logit_bias (a token id forced at 100, banned at -100) and vLLM's stop_token_ids."""
+    c = live.client()
+    plain = ask(c, max_tokens=12, extra_body={"ignore_eos": True})
+    _, ids = post(live, "/tokenize", {"model": SMOL, "prompt": " banana", "add_special_tokens": False})
+    forced = ask(c, max_tokens=3, logit_bias={str(ids["tokens"][0]): 100})
+    _, thrice = post(live, "/detokenize", {"model": SMOL, "tokens": ids["tokens"][:1] * 3})
+    assert forced.choices[0].message.content == thrice["prompt"]
+    paris = [post(live, "/tokenize", {"model": SMOL, "prompt": p, "add_special_tokens": False})[1]["tokens"][0]
+             for p in ("Paris", " Paris")]  # a word's first token, alone and after a space
+    assert "Paris" in plain.choices[0].message.content
+    banned = ask(c, max_tokens=12, logit_bias={str(i): -100 for i in paris})
+    assert "Paris" not in banned.choices[0].message.content
+    cut = ask(c, max_tokens=12, extra_body={"stop_token_ids": paris})
+    assert cut.choices[0].finish_reason == "stop" and "Paris" not in cut.choices[0].message.content
+    assert plain.choices[0].message.content.startswith(cut.choices[0].message.content)
+    for kw, needle in [({"logit_bias": {"7": 101}}, "[-100, 100]"), ({"logit_bias": {"x": 1}}, "token ids"),
+                       ({"logit_bias": {str(10 ** 9): 1}}, "vocabulary"),
+                       ({"extra_body": {"stop_token_ids": [10 ** 9]}}, "vocabulary")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(c, **kw)
+        assert needle in e.value.body["message"]
+
+
 def test_a_chats_next_turn_reports_its_cached_prompt_tokens(live):
     c = live.client()
     msgs = [{"role": "system", "content": "Answer briefly. " * 20}, {"role": "user", "content": "Name a fruit."}]

@@ -202,7 +202,7 @@ class Engine:
     def _append(self, seq: Sequence, token: int, done: list[Sequence], logprob=None) -> None:
         codec, p = self.expert.codec, seq.params
         eos = codec.eos_ids if codec else self.expert.cfg.eos_token_ids
-        if token in eos and not p.ignore_eos:
+        if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
             self._extend(seq, None)
             return self._finish(seq, "stop", done)
         seq.output_ids.append(token)

@@ -1,7 +1,7 @@
-"""Turn logits into tokens: repetition penalties, then greedy or temperature, top-k, min-p and top-p, each
-row with its own seeded generator, so a sequence's tokens depend only on its seed, not on what else
-shares the batch. `token_logprobs` gives the logprobs a request asked for, from the model's own
-distribution (the raw logits, before penalties and temperature: vLLM's default)."""
+"""Turn logits into tokens: repetition penalties and a logit bias, then greedy or temperature, top-k,
+min-p and top-p, each row with its own seeded generator, so a sequence's tokens depend only on its
+seed, not on what else shares the batch. `token_logprobs` gives the logprobs a request asked for, from
+the model's own distribution (the raw logits, before penalties, bias and temperature: vLLM's default)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -33,7 +33,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 def penalise(row: torch.Tensor, seq: Sequence) -> None:
     """In place, on one row of logits: HF's repetition penalty over the prompt and output (a positive
     logit divided by it, a negative one multiplied), then OpenAI's presence and frequency penalties over
-    the output (minus presence once, minus frequency per occurrence)."""
+    the output (minus presence once, minus frequency per occurrence), then OpenAI's logit bias (added)."""
     p, dev = seq.params, row.device
     if p.repetition_penalty != 1.0:
         ids = torch.tensor(seq.prompt_ids + seq.output_ids, device=dev).unique()
@@ -42,6 +42,9 @@ def penalise(row: torch.Tensor, seq: Sequence) -> None:
     if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
         counts = torch.bincount(torch.tensor(seq.output_ids, device=dev), minlength=row.numel())[:row.numel()]
         row -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
+    if p.logit_bias:
+        ids, bias = zip(*p.logit_bias)
+        row.index_add_(0, torch.tensor(ids, device=dev), torch.tensor(bias, device=dev, dtype=row.dtype))
 
 
 def _sample_row(row: torch.Tensor, seq: Sequence) -> int:

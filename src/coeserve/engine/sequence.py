@@ -26,6 +26,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per time the token was generated
     repetition_penalty: float = 1.0  # HF's / vLLM's: logits of tokens in the prompt or output divided by it
     logprobs: int | None = None  # None = off; else each output token's logprob and this many top alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias) added to the logits
+    stop_token_ids: tuple[int, ...] = ()  # vLLM's: generating one of these ends the output (it is not shown)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -44,6 +46,10 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be in (0, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
+        if any(not -100 <= b <= 100 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if any(t < 0 for t, _ in self.logit_bias) or any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("token ids are not negative")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
 
     @property
@@ -52,7 +58,9 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        """Whether the logits change before sampling (penalties or a logit bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 MAX_LOGPROBS = 20  # top alternatives a token may carry, as OpenAI's API allows

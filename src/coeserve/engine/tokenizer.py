@@ -29,11 +29,12 @@ class Codec:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tok, "chat_template", None))
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok(text).input_ids)
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`; `special`: with the tokens the tokenizer adds (a BOS, for one)."""
+        return list(self.tok(text, add_special_tokens=special).input_ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
 
     def piece(self, token: int) -> tuple[str, list[int]]:
         """A token's own text and bytes, as logprobs show it (OpenAI's `token` and `bytes`). A token
@@ -57,16 +58,17 @@ class Codec:
     def stream(self) -> "TextStream":
         return TextStream(self.decode)
 
-    def chat_prompt(self, messages: list[dict]) -> tuple[list[int], tuple[str, ...]]:
-        """Token ids for a chat, plus stop strings the format implies."""
+    def chat_prompt(self, messages: list[dict], generation: bool = True) -> tuple[list[int], tuple[str, ...]]:
+        """Token ids for a chat (`generation`: ending where the assistant's answer begins), plus stop
+        strings the format implies."""
         for m in messages:
             if m.get("role") not in PLAIN_ROLES or not isinstance(m.get("content"), str):
                 raise ValueError("each message needs a role (system, user or assistant) and string content")
         if self.has_chat_template:
-            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
             return list(self.tok(text, add_special_tokens=False).input_ids), ()
         lines = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
-        return self.encode("\n".join(lines) + "\nAssistant:"), PLAIN_STOP
+        return self.encode("\n".join(lines) + ("\nAssistant:" if generation else "")), PLAIN_STOP
 
 
 @functools.cache

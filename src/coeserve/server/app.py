@@ -48,13 +48,14 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     codecs: dict = field(default_factory=dict)
+    configs: dict = field(default_factory=dict)
     _post: tuple | None = None  # (event loop, its post function): see post_box
 
     def codec(self, name: str):
         if name not in self.codecs:
             from coeserve.engine.load import load_codec
             # Shared with the engine loop; concurrent first requests wait for one load (engine/load.py).
-            codec = load_codec(self.disk, name, self.disk.config(name))
+            codec = load_codec(self.disk, name, self.config(name))
             if codec is None:
                 raise ApiError(400, f"expert {name!r} has no tokenizer; it cannot take text")
             self.codecs[name] = codec
@@ -84,11 +85,25 @@ class ServerState:
         return self._post[1]
 
     def context(self, name: str) -> int:
-        return min(self.max_seq_len, self.disk.config(name).max_position)
+        return min(self.max_seq_len, self.config(name).max_position)
+
+    def vocab(self, name: str) -> int:
+        return self.config(name).vocab_size
+
+    def config(self, name: str):
+        """An expert's model config, read from disk once (the handlers ask for it on the event loop)."""
+        if name not in self.configs:
+            self.configs[name] = self.disk.config(name)
+        return self.configs[name]
+
+
+def _guarded(path: str) -> bool:
+    """Paths behind the API key, the readiness gate and the body limit."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
 class BodyLimit:
-    """ASGI middleware: a /v1/ body sent without Content-Length (chunked) is read here first, and one
+    """ASGI middleware: an API body sent without Content-Length (chunked) is read here first, and one
     over `max_body` bytes gets 413 before the app sees any of it (a declared length is checked in the
     gate below without reading)."""
 
@@ -97,7 +112,7 @@ class BodyLimit:
 
     async def __call__(self, scope, receive, send):
         headers = dict(scope.get("headers") or ())
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or b"content-length" in headers:
+        if scope["type"] != "http" or not _guarded(scope["path"]) or b"content-length" in headers:
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
@@ -123,8 +138,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def gate(request: Request, call_next):
-        path = request.url.path
-        if path.startswith("/v1/"):
+        if _guarded(request.url.path):
             if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
                 return _error(ApiError(401, "missing or wrong API key (Authorization: Bearer …)",
                                        "authentication_error", "invalid_api_key"))
@@ -181,14 +195,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models/{name}")
     async def model(name: str):
-        if name != VIRTUAL and name not in state.experts:
-            raise ApiError(404, f"the model {name!r} does not exist (GET /v1/models lists them)",
-                           "not_found_error", "model_not_found", "model")
-        return model_card(name, int(time.time()))
+        return model_card(name if name == VIRTUAL else expert_named(state, name), int(time.time()))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        msgs = [m.plain() for m in body.messages]
         users = [m["content"] for m in msgs if m["role"] == "user"]
         [(expert, route)] = await _resolve(state, body.model, [users[-1] if users else msgs[-1]["content"]])
         codec = await run_in_threadpool(state.codec, expert)
@@ -202,14 +213,19 @@ def create_app(state: ServerState) -> FastAPI:
                            "not the router", param="prompt")
         prompts = []
         for text, (expert, route) in zip(body.prompt, await _resolve(state, body.model, body.prompt)):
-            codec = await run_in_threadpool(state.codec, expert)
-            ids = codec.encode(text) if isinstance(text, str) else text
-            vocab = state.disk.config(expert).vocab_size
-            if max(ids) >= vocab:
-                raise ApiError(400, f"token id {max(ids)} is not in {expert}'s vocabulary of {vocab}", param="prompt")
+            if isinstance(text, str):
+                codec = await run_in_threadpool(state.codec, expert)
+                ids = codec.encode(text)
+            else:  # token ids: a named expert's (checked above), its vocabulary read once
+                ids, vocab = text, state.vocab(expert)
+                if max(ids) >= vocab:
+                    raise ApiError(400, f"token id {max(ids)} is not in {expert}'s vocabulary of {vocab}",
+                                   param="prompt")
             prompts.append(Prompt(expert, route, ids))
         return await _run(state, request, body, prompts, (), chat=False)
 
+    from coeserve.server.tokens import add_routes
+    add_routes(app, state)
     return app
 
 
@@ -225,13 +241,17 @@ class Prompt:
     ids: list[int]
 
 
+def expert_named(state: ServerState, model: str) -> str:
+    if model not in state.experts:
+        raise ApiError(404, f"the model {model!r} does not exist (GET /v1/models lists them)",
+                       "not_found_error", "model_not_found", "model")
+    return model
+
+
 async def _resolve(state: ServerState, model: str, texts: list) -> list[tuple[str, tuple[str, float]]]:
     """Each prompt's expert and (category, probability): the named expert, or the router's choice."""
     if model != VIRTUAL:
-        if model not in state.experts:
-            raise ApiError(404, f"the model {model!r} does not exist (GET /v1/models lists them)",
-                           "not_found_error", "model_not_found", "model")
-        return [(model, ("none", 1.0))] * len(texts)
+        return [(expert_named(state, model), ("none", 1.0))] * len(texts)
     t = time.perf_counter()
     routes = await run_in_threadpool(state.router.route, texts)
     if state.metrics:
@@ -242,17 +262,20 @@ async def _resolve(state: ServerState, model: str, texts: list) -> list[tuple[st
 async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool):
     """Queue n sequences per prompt (choice i*n + j is prompt i's j-th; with a seed, its seed is seed + j)
     and answer with all of them, streamed or as one body."""
+    named = body.token_ids()
     for p in prompts:
+        top, vocab = max(named, default=-1), state.vocab(p.expert)
+        if top >= vocab:
+            where = "logit_bias" if top in map(int, body.logit_bias or ()) else "stop_token_ids"
+            raise ApiError(400, f"token id {top} is not in {p.expert}'s vocabulary of {vocab}", param=where)
         if len(p.ids) >= state.context(p.expert):
             raise ApiError(400, f"the prompt has {len(p.ids)} tokens; {p.expert}'s context holds "
                            f"{state.context(p.expert)} (prompt plus at least one generated token)",
                            code="context_length_exceeded")
     try:
-        sampling = body.sampling()
         params = [SamplingParams(max_tokens=body.limit(state.default_max_tokens),
                                  stop=tuple(body.stop or ()) + tuple(stop), logprobs=body.wanted_logprobs(),
-                                 **{**sampling, "seed": None if body.seed is None else body.seed + j})
-                  for j in range(body.n)]
+                                 **body.sampling(j)) for j in range(body.n)]
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     events, post = asyncio.Queue(), state.post_box()

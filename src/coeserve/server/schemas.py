@@ -30,6 +30,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) → bias in [-100, 100]
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     # Extensions, as vLLM takes them:
@@ -37,13 +38,42 @@ class _Sampling(BaseModel):
     top_k: int = Field(default=0, ge=-1)  # 0 or -1: off
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
 
-    def sampling(self) -> dict:
-        """The SamplingParams fields this request sets (app.py adds max_tokens, stop and logprobs)."""
-        return dict(temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), seed=self.seed,
+    def sampling(self, choice: int = 0) -> dict:
+        """The SamplingParams fields this request sets for its `choice`-th sample of a prompt (with a
+        seed, that sample's seed is seed + choice); app.py adds max_tokens, stop and logprobs."""
+        seed = None if self.seed is None else self.seed + choice
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), seed=seed,
                     min_p=self.min_p, presence_penalty=self.presence_penalty,
                     frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-                    ignore_eos=self.ignore_eos)
+                    ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()),
+                    logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()))
+
+    def token_ids(self) -> list[int]:
+        """The token ids the request names (logit_bias, stop_token_ids): each expert it reaches must have them."""
+        return [int(k) for k in self.logit_bias or ()] + list(self.stop_token_ids or ())
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > 1024:
+            raise ValueError("at most 1024 biased tokens")
+        for k, b in v.items():
+            if not (k.isascii() and k.isdigit()):
+                raise ValueError(f"keys are token ids, not {k!r}")
+            if not -100 <= b <= 100:
+                raise ValueError(f"the bias of token {k} is {b}; it must be in [-100, 100]")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v):
+        if v and min(v) < 0:
+            raise ValueError("token ids are not negative")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -65,6 +95,10 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def plain(self) -> dict:
+        """As a chat template takes it (a developer message is a system message)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
 class ChatRequest(_Sampling):
@@ -115,6 +149,34 @@ class CompletionRequest(_Sampling):
 
     def limit(self, default: int) -> int:
         return self.max_tokens or default
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a text prompt, or chat messages put through the expert's template."""
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True  # for a prompt: the tokens the tokenizer adds (a BOS, for one)
+    add_generation_prompt: bool = True  # for messages: end where the assistant's answer begins
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give a prompt or messages, not both")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model: str = Field(min_length=1)
+    tokens: list[int]
+
+    @field_validator("tokens")
+    @classmethod
+    def _ids(cls, v):
+        if v and min(v) < 0:
+            raise ValueError("token ids are not negative")
+        return v
 
 
 def new_id(prefix: str) -> str:

@@ -124,12 +124,12 @@ def build(cfg: ServeConfig, state) -> None:
 
 
 def warm_codecs(state) -> None:
-    """Every expert's tokenizer before the server is ready: building one (seconds for a large vocabulary)
-    on a request would hold the GIL against the engine loop while that request and others wait."""
+    """Every expert's config and tokenizer before the server is ready: building one (seconds for a large
+    vocabulary) on a request would hold the GIL against the engine loop while that request and others wait."""
     from coeserve.engine.load import load_codec
 
     for name in state.experts:
-        codec = load_codec(state.disk, name, state.disk.config(name))
+        codec = load_codec(state.disk, name, state.config(name))
         if codec is not None:
             state.codecs[name] = codec
 
