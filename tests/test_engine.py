@@ -237,6 +237,47 @@ def test_logit_bias_and_stop_token_ids(engine, smol):
     assert cut.finish_reason == "stop" and cut.output_ids == plain[:plain.index(plain[5])]
 
 
+def test_structured_output_follows_its_schema_regex_choice_and_grammar(engine, smol):
+    """Each constrained sequence's text matches its constraint and ends (stop) where it is complete, in
+    one batch with an unconstrained one that generates what it generates alone; sampled JSON parses too.
+    A constraint that does not compile is a GrammarError when the sequence is made."""
+    import json
+    import re
+
+    from coeserve.engine.grammar import GrammarError
+
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    flag = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    colours = '"red" | "green" | "blue"'
+    asks = [("Describe a person as JSON.", ("json_schema", json.dumps(person)), 0.0),
+            ("Give me a phone number.", ("regex", r"\d{3}-\d{4}"), 0.0),
+            ("Is the sky blue?", ("choice", json.dumps(["yes", "no"])), 0.0),
+            ("Name two colours.", ("ebnf", f"root ::= ({colours}) \" and \" ({colours})"), 0.0),
+            ("Is water wet? Answer in JSON.", ("json_schema", json.dumps(flag)), 1.0),
+            ("What is the capital of France?", None, 0.0)]
+    seqs = [engine.add(engine.make_sequence(chat_ids(smol, q), SamplingParams(max_tokens=40, temperature=t, seed=7,
+                                                                               grammar=g)))
+            for q, g, t in asks]
+    engine.run_until_done()
+    assert all(s.finish_reason == "stop" for s in seqs[:5])
+    person_out = json.loads(seqs[0].text)
+    assert set(person_out) == {"name", "age"} and isinstance(person_out["name"], str)
+    assert isinstance(person_out["age"], int)
+    assert re.fullmatch(r"\d{3}-\d{4}", seqs[1].text) and seqs[2].text in ("yes", "no")
+    assert re.fullmatch(r"(red|green|blue) and (red|green|blue)", seqs[3].text)
+    assert isinstance(json.loads(seqs[4].text)["ok"], bool)
+    [alone] = engine.generate([chat_ids(smol, asks[5][0])], SamplingParams(max_tokens=40, temperature=0))
+    assert seqs[5].output_ids == alone.output_ids
+    # With ignore_eos the output still ends where the grammar does.
+    [yes_no] = engine.generate([chat_ids(smol, "Is the sky blue?")],
+                               SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, grammar=asks[2][1]))
+    assert yes_no.text == seqs[2].text and yes_no.finish_reason == "stop"
+    for bad in [("regex", "(unclosed"), ("json_schema", "{not json"), ("ebnf", "root ::= ")]:
+        with pytest.raises(GrammarError, match="does not compile"):
+            engine.make_sequence(chat_ids(smol, "hi"), SamplingParams(grammar=bad))
+
+
 def test_stop_string_cuts_text(engine, smol):
     ids = chat_ids(smol, "What is the capital of France?")
     full = engine.generate([ids], SamplingParams(max_tokens=32, temperature=0))[0].text
@@ -300,7 +341,7 @@ def test_abort_frees_the_slot(engine, smol):
                                  dict(min_p=1.5), dict(presence_penalty=3), dict(frequency_penalty=-2.5),
                                  dict(repetition_penalty=0), dict(logprobs=21), dict(logprobs=-1),
                                  dict(logit_bias=((5, 101.0),)), dict(logit_bias=((-1, 1.0),)),
-                                 dict(stop_token_ids=(-3,))])
+                                 dict(stop_token_ids=(-3,)), dict(grammar=("yaml", "a: 1"))])
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -237,6 +238,39 @@ def test_logit_bias_and_stop_token_ids(live):
     for kw, needle in [({"logit_bias": {"7": 101}}, "[-100, 100]"), ({"logit_bias": {"x": 1}}, "token ids"),
                        ({"logit_bias": {str(10 ** 9): 1}}, "vocabulary"),
                        ({"extra_body": {"stop_token_ids": [10 ** 9]}}, "vocabulary")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(c, **kw)
+        assert needle in e.value.body["message"]
+
+
+def test_structured_output_response_format_and_structured_outputs(live):
+    """OpenAI's response_format (json_schema, json_object), streamed or not, and vLLM's structured_outputs
+    (choice on chat; regex on completions, on Gemma's byte-fallback vocabulary); a bad or doubled
+    constraint is a 400 naming it."""
+    c = live.client()
+    short = {"type": "string", "maxLength": 24}
+    schema = {"type": "object", "properties": {"city": short, "country": short}, "required": ["city", "country"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    r = ask(c, content="Describe Paris as JSON.", max_tokens=64, response_format=fmt)
+    out = json.loads(r.choices[0].message.content)
+    assert r.choices[0].finish_reason == "stop" and set(out) == {"city", "country"} and out["city"] == "Paris"
+    chunks = list(ask(c, content="Describe Paris as JSON.", max_tokens=64, response_format=fmt, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
+    anything = ask(c, content="Give a JSON object with a cat's name and colour.", max_tokens=48,
+                   response_format={"type": "json_object"})
+    assert anything.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    picked = ask(c, content="Is the sky blue?", extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert picked.choices[0].message.content in ("yes", "no")
+    done = c.completions.create(model=GEMMA, prompt="The year the Eiffel Tower was finished:", max_tokens=8,
+                                temperature=0, extra_body={"structured_outputs": {"regex": "1[0-9]{3}"}})
+    assert re.fullmatch("1[0-9]{3}", done.choices[0].text) and done.choices[0].finish_reason == "stop"
+    for kw, needle in [({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+                        "json schema does not compile"),
+                       ({"extra_body": {"structured_outputs": {"regex": "(unclosed"}}}, "regex does not compile"),
+                       ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "exactly one"),
+                       ({"response_format": {"type": "json_object"}, "extra_body": {"structured_outputs": {"regex": "a"}}},
+                        "not both")]:
         with pytest.raises(openai.BadRequestError) as e:
             ask(c, **kw)
         assert needle in e.value.body["message"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from coeserve.config import EngineConfig, ModelConfig
+from coeserve.engine import grammar
 from coeserve.engine.kv_cache import MIN_REUSE, KVCache, common
 from coeserve.engine.runner import Runner
 from coeserve.engine.sampler import sample, token_logprobs
@@ -80,6 +81,10 @@ class Engine:
         if len(prompt_ids) >= self.max_len:
             raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this expert's context holds "
                                 f"{self.max_len} (prompt plus at least one generated token)")
+        if params.grammar is not None:
+            if self.expert.codec is None:
+                raise ValueError("structured output needs an expert with a tokenizer")
+            grammar.compiled(self.expert.codec, *params.grammar, self.expert.cfg.vocab_size)  # GrammarError
         return Sequence(list(prompt_ids), params, on_text)
 
     def add(self, seq: Sequence) -> Sequence:
@@ -125,6 +130,9 @@ class Engine:
                 rows.append(seq)
             else:
                 logits = logits[:len(rows)]  # only the last chunk may stop short of its prompt's end
+        for seq in rows:
+            if seq.params.grammar and seq.matcher is None:
+                seq.matcher = grammar.matcher(self.expert.codec, seq.params.grammar, self.expert.cfg.vocab_size)
         tokens = sample(logits, rows)
         for seq, tok, lp in zip(rows, tokens, token_logprobs(logits, rows, tokens)):
             self._append(seq, tok, done, lp)
@@ -202,7 +210,9 @@ class Engine:
     def _append(self, seq: Sequence, token: int, done: list[Sequence], logprob=None) -> None:
         codec, p = self.expert.codec, seq.params
         eos = codec.eos_ids if codec else self.expert.cfg.eos_token_ids
-        if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
+        # A grammar's output ends with the end-of-sequence token it alone then allows (even with ignore_eos).
+        complete = seq.matcher is not None and seq.matcher.accept_token(token) and seq.matcher.is_terminated()
+        if (token in eos and not p.ignore_eos) or token in p.stop_token_ids or complete:
             self._extend(seq, None)
             return self._finish(seq, "stop", done)
         seq.output_ids.append(token)

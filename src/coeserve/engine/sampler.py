@@ -1,4 +1,4 @@
-"""Turn logits into tokens: repetition penalties and a logit bias, then greedy or temperature, top-k,
+"""Turn logits into tokens: repetition penalties, a logit bias and a grammar's mask, then greedy or temperature, top-k,
 min-p and top-p, each row with its own seeded generator, so a sequence's tokens depend only on its
 seed, not on what else shares the batch. `token_logprobs` gives the logprobs a request asked for, from
 the model's own distribution (the raw logits, before penalties, bias and temperature: vLLM's default)."""
@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from coeserve.engine import grammar
 from coeserve.engine.sequence import Sequence
 
 
@@ -21,11 +22,14 @@ class TokenLogprob(NamedTuple):
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     logits = logits.float()
-    if any(s.params.penalised for s in seqs):
+    guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    if guided or any(s.params.penalised for s in seqs):
         logits = logits.clone()  # the caller's logits stay raw (token_logprobs reads them)
         for i, s in enumerate(seqs):
             if s.params.penalised:
                 penalise(logits[i], s)
+        if guided:  # structured output: only the tokens that keep each output valid
+            grammar.mask(logits, guided, [seqs[i].matcher for i in guided])
     greedy = logits.argmax(dim=-1).tolist()
     return [greedy[i] if s.params.greedy else _sample_row(logits[i], s) for i, s in enumerate(seqs)]
 

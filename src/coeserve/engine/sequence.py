@@ -28,6 +28,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; else each output token's logprob and this many top alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias) added to the logits
     stop_token_ids: tuple[int, ...] = ()  # vLLM's: generating one of these ends the output (it is not shown)
+    grammar: tuple[str, str] | None = None  # structured output: (kind, spec), see engine/grammar.py
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -50,6 +51,8 @@ class SamplingParams:
             raise ValueError("logit_bias values must be in [-100, 100]")
         if any(t < 0 for t, _ in self.logit_bias) or any(t < 0 for t in self.stop_token_ids):
             raise ValueError("token ids are not negative")
+        if self.grammar is not None and (len(self.grammar) != 2 or self.grammar[0] not in GRAMMARS):
+            raise ValueError(f"grammar is (kind, spec) with kind one of {', '.join(GRAMMARS)}")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
 
     @property
@@ -63,6 +66,7 @@ class SamplingParams:
                     or self.logit_bias)
 
 
+GRAMMARS = ("json_schema", "regex", "choice", "ebnf")  # the kinds of structured output (engine/grammar.py)
 MAX_LOGPROBS = 20  # top alternatives a token may carry, as OpenAI's API allows
 
 
@@ -91,6 +95,7 @@ class Sequence:
     detok: object | None = None  # the tokenizer's TextStream of output_ids, made at the first token
     logprobs: list = field(default_factory=list)  # with params.logprobs: a `TokenLogprob` per output token
     logprobs_taken: int = 0  # of them, passed on by take_logprobs
+    matcher: object | None = None  # with params.grammar: its xgrammar matcher, made at the first sample
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from coeserve.engine import grammar
 from coeserve.engine.sequence import SamplingParams, Sequence
 from coeserve.scheduler import QueueFull
 from coeserve.scheduler import Request as Job
@@ -278,6 +279,14 @@ async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool):
                                  **body.sampling(j)) for j in range(body.n)]
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+    if params[0].grammar is not None:  # compiled here, off the engine loop, once per tokenizer (then cached)
+        for expert in dict.fromkeys(p.expert for p in prompts):
+            codec = await run_in_threadpool(state.codec, expert)
+            try:
+                await run_in_threadpool(grammar.compiled, codec, *params[0].grammar, state.vocab(expert))
+            except grammar.GrammarError as e:
+                where = "structured_outputs" if body.structured_outputs else "response_format"
+                raise ApiError(400, str(e), param=where) from None
     events, post = asyncio.Queue(), state.post_box()
     jobs = [_job(p.expert, p.ids, params[j], i * body.n + j, events, post, not body.stream)
             for i, p in enumerate(prompts) for j in range(body.n)]

@@ -2,6 +2,7 @@
 in OpenAI's exact shapes. Validation errors become 400s with OpenAI-style error bodies (app.py)."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal
@@ -15,6 +16,39 @@ MAX_CHOICES = 64  # sequences one request may ask for (n, times the prompts of a
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchema(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | bool = Field(default=True, alias="schema")  # true: any JSON value
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or json_schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema: {name, schema}")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of a JSON schema, a regex, a list of choices or an EBNF grammar."""
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if sum(x is not None for x in (self.json_, self.regex, self.choice, self.grammar)) != 1:
+            raise ValueError("give exactly one of json, regex, choice and grammar")
+        return self
 
 
 class _Sampling(BaseModel):
@@ -39,6 +73,8 @@ class _Sampling(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def sampling(self, choice: int = 0) -> dict:
         """The SamplingParams fields this request sets for its `choice`-th sample of a prompt (with a
@@ -48,7 +84,27 @@ class _Sampling(BaseModel):
                     min_p=self.min_p, presence_penalty=self.presence_penalty,
                     frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                     ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()),
-                    logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()))
+                    logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+                    grammar=self.grammar())
+
+    def grammar(self) -> tuple[str, str] | None:
+        """The structured output asked for, as SamplingParams.grammar (engine/grammar.py), or None."""
+        fmt, so = self.response_format, self.structured_outputs
+        if fmt is not None and fmt.type != "text" and so is not None:
+            raise ValueError("give response_format or structured_outputs, not both")
+        if fmt is not None and fmt.type == "json_object":
+            return ("json_schema", '{"type": "object"}')
+        if fmt is not None and fmt.type == "json_schema":
+            return ("json_schema", json.dumps(fmt.json_schema.schema_))
+        if so is None:
+            return None
+        if so.json_ is not None:
+            return ("json_schema", so.json_ if isinstance(so.json_, str) else json.dumps(so.json_))
+        if so.regex is not None:
+            return ("regex", so.regex)
+        if so.choice is not None:
+            return ("choice", json.dumps(so.choice))
+        return ("ebnf", so.grammar)
 
     def token_ids(self) -> list[int]:
         """The token ids the request names (logit_bias, stop_token_ids): each expert it reaches must have them."""
