@@ -42,6 +42,23 @@ def test_generate_into_a_closed_pipe_stops_quietly(store):
     assert "Traceback" not in err and "BrokenPipeError" not in err
 
 
+def test_generate_held_to_a_json_schema_or_choices(store, tmp_path):
+    import json
+
+    schema = tmp_path / "capital.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"capital": {"type": "string"}},
+                                  "required": ["capital"]}))
+    r = coe(store.home, "generate", "--expert", SMOL, "--temperature", "0", "--max-tokens", "40", "--json-schema",
+            str(schema), "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"capital": "Paris"} and "finish: stop" in r.stderr
+    r = coe(store.home, "generate", "--expert", SMOL, "--choice", "yes", "--choice", "no", "Is the sky blue?")
+    assert r.returncode == 0 and r.stdout.strip() in ("yes", "no")
+    r = coe(store.home, "generate", "--expert", SMOL, "--regex", "(", "hi")
+    assert r.returncode == 2 and r.stderr.startswith("coe: error: the regex does not compile: Regex parsing error")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_generate_raw_on_a_base_model(store):
     r = coe(store.home, "generate", "--expert", GEMMA, "--temperature", "0", "--max-tokens", "8", "--raw",
             "1, 2, 3, 4, 5,")

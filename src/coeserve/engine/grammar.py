@@ -10,6 +10,7 @@ as it is: ("json_schema", schema as JSON text), ("regex", pattern), ("choice", J
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 
@@ -60,6 +61,7 @@ def compiled(codec, kind: str, spec: str, vocab_size: int):
             return compiler.compile_grammar(spec)
     except Exception as e:  # xgrammar raises RuntimeError or ValueError with the parser's message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", first)  # xgrammar's log prefix: time, source line
         raise GrammarError(f"the {kind.replace('_', ' ')} does not compile: {first}") from None
     raise GrammarError(f"unknown constraint kind {kind!r} (one of {', '.join(GRAMMARS)})")
 
