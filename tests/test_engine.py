@@ -278,6 +278,22 @@ def test_structured_output_follows_its_schema_regex_choice_and_grammar(engine, s
             engine.make_sequence(chat_ids(smol, "hi"), SamplingParams(grammar=bad))
 
 
+def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings(engine, smol):
+    ids = chat_ids(smol, "What is the capital of France?")
+    [short] = engine.generate([ids], SamplingParams(max_tokens=40, temperature=0))
+    n = len(short.output_ids)
+    assert short.finish_reason == "stop" and n < 20 and "Paris" in short.text
+    [held] = engine.generate([ids], SamplingParams(max_tokens=40, temperature=0, min_tokens=n + 5))
+    assert held.output_ids[:n] == short.output_ids and len(held.output_ids) >= n + 5
+    # A stop string within the first min_tokens tokens cuts nothing; a stop token id is not sampled there.
+    [kept] = engine.generate([ids], SamplingParams(max_tokens=n + 5, temperature=0, min_tokens=n + 5,
+                                                   stop=("Paris",)))
+    assert kept.output_ids == held.output_ids[:n + 5] and "Paris" in kept.text and kept.finish_reason == "length"
+    [other] = engine.generate([ids], SamplingParams(max_tokens=n + 5, temperature=0, min_tokens=n + 5,
+                                                    stop_token_ids=(short.output_ids[1],)))
+    assert len(other.output_ids) == n + 5 and short.output_ids[1] not in other.output_ids
+
+
 def test_stop_string_cuts_text(engine, smol):
     ids = chat_ids(smol, "What is the capital of France?")
     full = engine.generate([ids], SamplingParams(max_tokens=32, temperature=0))[0].text
@@ -341,7 +357,8 @@ def test_abort_frees_the_slot(engine, smol):
                                  dict(min_p=1.5), dict(presence_penalty=3), dict(frequency_penalty=-2.5),
                                  dict(repetition_penalty=0), dict(logprobs=21), dict(logprobs=-1),
                                  dict(logit_bias=((5, 101.0),)), dict(logit_bias=((-1, 1.0),)),
-                                 dict(stop_token_ids=(-3,)), dict(grammar=("yaml", "a: 1"))])
+                                 dict(stop_token_ids=(-3,)), dict(grammar=("yaml", "a: 1")),
+                                 dict(max_tokens=4, min_tokens=5), dict(min_tokens=2, grammar=("regex", "a+"))])
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -170,12 +170,16 @@ def test_completion_logprobs(live):
 
 
 def test_penalties_and_sampling_extensions(live):
-    """OpenAI's penalties and vLLM's top_k, min_p and repetition_penalty (extra_body) reach the sampler."""
+    """OpenAI's penalties and vLLM's top_k, min_p, repetition_penalty and min_tokens (extra_body) reach the
+    sampler."""
     c = live.client()
     q = "Write the word 'dog' twenty times."
     plain = ask(c, content=q, max_tokens=24).choices[0].message.content
     assert ask(c, content=q, max_tokens=24, frequency_penalty=1.0, presence_penalty=0.5).choices[0].message.content != plain
     assert ask(c, content=q, max_tokens=24, extra_body={"repetition_penalty": 1.5}).choices[0].message.content != plain
+    short = ask(c, max_tokens=30)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 20
+    assert ask(c, max_tokens=30, extra_body={"min_tokens": 20}).usage.completion_tokens >= 20
     greedy = ask(c, content=q, max_tokens=24, temperature=1.5, seed=1, extra_body={"top_k": 1}).choices[0].message.content
     assert greedy == plain == ask(c, content=q, max_tokens=24, temperature=1.5, seed=1,
                                   extra_body={"min_p": 1.0}).choices[0].message.content
@@ -382,6 +386,8 @@ def test_concurrent_requests_to_different_experts(live):
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ({"extra_body": {"min_tokens": 999}}, "min_tokens"),
+    ({"extra_body": {"min_tokens": 2, "structured_outputs": {"regex": "a+"}}}, "min_tokens"),
 ])
 def test_invalid_fields_are_400(live, kw, needle):
     args = {"model": SMOL, "messages": [{"role": "user", "content": "hi"}], **kw}

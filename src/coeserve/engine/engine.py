@@ -133,7 +133,7 @@ class Engine:
         for seq in rows:
             if seq.params.grammar and seq.matcher is None:
                 seq.matcher = grammar.matcher(self.expert.codec, seq.params.grammar, self.expert.cfg.vocab_size)
-        tokens = sample(logits, rows)
+        tokens = sample(logits, rows, self._held_off(rows))
         for seq, tok, lp in zip(rows, tokens, token_logprobs(logits, rows, tokens)):
             self._append(seq, tok, done, lp)
         return done
@@ -207,9 +207,18 @@ class Engine:
                 seq.prefilled = seq.cached = n
                 seq.source = None
 
+    def _eos(self) -> frozenset:
+        codec = self.expert.codec
+        return codec.eos_ids if codec else frozenset(self.expert.cfg.eos_token_ids)
+
+    def _held_off(self, rows: list[Sequence]) -> dict[int, list[int]] | None:
+        """Rows whose min_tokens is not reached yet, and the tokens that would end them."""
+        ban = {i: sorted(self._eos() | set(s.params.stop_token_ids)) for i, s in enumerate(rows)
+               if len(s.output_ids) < s.params.min_tokens}
+        return ban or None
+
     def _append(self, seq: Sequence, token: int, done: list[Sequence], logprob=None) -> None:
-        codec, p = self.expert.codec, seq.params
-        eos = codec.eos_ids if codec else self.expert.cfg.eos_token_ids
+        p, eos = seq.params, self._eos()
         # A grammar's output ends with the end-of-sequence token it alone then allows (even with ignore_eos).
         complete = seq.matcher is not None and seq.matcher.accept_token(token) and seq.matcher.is_terminated()
         if (token in eos and not p.ignore_eos) or token in p.stop_token_ids or complete:
@@ -238,7 +247,7 @@ class Engine:
         new += seq.detok.flush() if last else ""
         if not new:
             return False
-        stops = seq.params.stop
+        stops = seq.params.stop if len(seq.output_ids) >= seq.params.min_tokens else ()  # vLLM's min_tokens
         start = max(0, len(seq.text) - max((len(s) for s in stops), default=1) + 1)
         seq.text += new
         cut = min((i for i in (seq.text.find(s, start) for s in stops) if i >= 0), default=-1)

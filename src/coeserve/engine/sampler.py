@@ -20,14 +20,17 @@ class TokenLogprob(NamedTuple):
     top: tuple[tuple[int, float], ...] = ()
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+def sample(logits: torch.Tensor, seqs: list[Sequence], ban: dict[int, list[int]] | None = None) -> list[int]:
+    """A token for each row; `ban`: row → token ids it may not take (the ends a min_tokens holds off)."""
     logits = logits.float()
     guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
-    if guided or any(s.params.penalised for s in seqs):
+    if guided or ban or any(s.params.penalised for s in seqs):
         logits = logits.clone()  # the caller's logits stay raw (token_logprobs reads them)
         for i, s in enumerate(seqs):
             if s.params.penalised:
                 penalise(logits[i], s)
+        for i, ids in (ban or {}).items():
+            logits[i, ids] = float("-inf")
         if guided:  # structured output: only the tokens that keep each output valid
             grammar.mask(logits, guided, [seqs[i].matcher for i in guided])
     greedy = logits.argmax(dim=-1).tolist()

@@ -21,6 +21,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # vLLM's: no end-of-sequence token, stop token id or stop string before this many
     min_p: float = 0.0  # drop tokens below min_p times the most likely one's probability; 0 = off
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per time the token was generated
@@ -51,6 +52,10 @@ class SamplingParams:
             raise ValueError("logit_bias values must be in [-100, 100]")
         if any(t < 0 for t, _ in self.logit_bias) or any(t < 0 for t in self.stop_token_ids):
             raise ValueError("token ids are not negative")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
+        if self.min_tokens and self.grammar is not None:
+            raise ValueError("min_tokens does not go with structured output (the grammar says where it ends)")
         if self.grammar is not None and (len(self.grammar) != 2 or self.grammar[0] not in GRAMMARS):
             raise ValueError(f"grammar is (kind, spec) with kind one of {', '.join(GRAMMARS)}")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))

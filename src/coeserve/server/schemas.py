@@ -73,6 +73,7 @@ class _Sampling(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    min_tokens: int = Field(default=0, ge=0)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
 
@@ -84,6 +85,7 @@ class _Sampling(BaseModel):
                     min_p=self.min_p, presence_penalty=self.presence_penalty,
                     frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                     ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()),
+                    min_tokens=self.min_tokens,
                     logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
                     grammar=self.grammar())
 
