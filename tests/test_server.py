@@ -280,6 +280,54 @@ def test_structured_output_response_format_and_structured_outputs(live):
         assert needle in e.value.body["message"]
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time in a timezone",
+                                           "parameters": {"type": "object", "properties": {"tz": {"type": "string"}},
+                                                          "required": ["tz"]}}}]
+
+
+def test_tool_calls_required_named_streamed_and_answered(live):
+    """tool_choice required and named hold the answer to calls of the given tools (streamed: one
+    tool_calls delta, the same calls); the call and its result go back in the next turn; auto answers
+    content or calls; a tool_choice that names no tool is a 400."""
+    c = live.client()
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model=SMOL, messages=msgs, tools=TOOLS, max_tokens=64, temperature=0)
+    r = c.chat.completions.create(tool_choice="required", **kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None and choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        params = TOOLS[[t["function"]["name"] for t in TOOLS].index(call.function.name)]["function"]["parameters"]
+        assert set(json.loads(call.function.arguments)) == set(params["required"]) and call.id.startswith("call_")
+    streamed = list(c.chat.completions.create(tool_choice="required", stream=True, **kw))
+    deltas = [d for ch in streamed if ch.choices for d in ch.choices[0].delta.tool_calls or ()]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == \
+        [(t.function.name, t.function.arguments) for t in choice.message.tool_calls]
+    assert [ch.choices[0].finish_reason for ch in streamed if ch.choices][-1] == "tool_calls"
+    one = c.chat.completions.create(tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                    parallel_tool_calls=False, **kw).choices[0]
+    [call] = one.message.tool_calls
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    assert one.finish_reason == "stop"
+    after = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    answer = c.chat.completions.create(model=SMOL, messages=after, tools=TOOLS, tool_choice="none", max_tokens=24,
+                                       temperature=0).choices[0]
+    assert answer.message.content and not answer.message.tool_calls
+    auto = c.chat.completions.create(**kw).choices[0]
+    assert bool(auto.message.tool_calls) == (auto.finish_reason == "tool_calls")
+    assert auto.message.tool_calls or auto.message.content
+    for bad, needle in [({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
+                        ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "goes without")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(**kw, **bad)
+        assert needle in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="needs tools"):
+        ask(c, tool_choice="required")
+
+
 def test_a_chats_next_turn_reports_its_cached_prompt_tokens(live):
     c = live.client()
     msgs = [{"role": "system", "content": "Answer briefly. " * 20}, {"role": "user", "content": "Name a fruit."}]

@@ -58,14 +58,25 @@ class Codec:
     def stream(self) -> "TextStream":
         return TextStream(self.decode)
 
-    def chat_prompt(self, messages: list[dict], generation: bool = True) -> tuple[list[int], tuple[str, ...]]:
-        """Token ids for a chat (`generation`: ending where the assistant's answer begins), plus stop
-        strings the format implies."""
+    @property
+    def takes_tools(self) -> bool:
+        """Does the chat template render tool definitions (and tool messages)?"""
+        return self.has_chat_template and "tools" in self.tok.chat_template
+
+    def chat_prompt(self, messages: list[dict], generation: bool = True,
+                    tools: list[dict] | None = None) -> tuple[list[int], tuple[str, ...]]:
+        """Token ids for a chat (`generation`: ending where the assistant's answer begins; `tools`: for a
+        template that takes them), plus stop strings the format implies."""
+        roles = (*PLAIN_ROLES, "tool") if self.takes_tools else tuple(PLAIN_ROLES)
         for m in messages:
-            if m.get("role") not in PLAIN_ROLES or not isinstance(m.get("content"), str):
-                raise ValueError("each message needs a role (system, user or assistant) and string content")
+            if m.get("role") not in roles or not isinstance(m.get("content"), str):
+                raise ValueError(f"each message needs a role ({', '.join(roles)}) and string content")
         if self.has_chat_template:
-            text = self.tok.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
+            try:
+                text = self.tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation,
+                                                    tokenize=False)
+            except Exception as e:  # the template's own raise_exception (e.g. roles out of order), or a bad field
+                raise ValueError(f"the chat template refused the messages: {e}") from None
             return list(self.tok(text, add_special_tokens=False).input_ids), ()
         lines = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
         return self.encode("\n".join(lines) + ("\nAssistant:" if generation else "")), PLAIN_STOP

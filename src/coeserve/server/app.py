@@ -21,6 +21,7 @@ from coeserve.engine.sequence import SamplingParams, Sequence
 from coeserve.scheduler import QueueFull
 from coeserve.scheduler import Request as Job
 from coeserve.server import schemas
+from coeserve.server import tools as toolkit
 from coeserve.server.schemas import ChatRequest, CompletionRequest, error_body
 
 VIRTUAL = "coe"
@@ -204,8 +205,14 @@ def create_app(state: ServerState) -> FastAPI:
         users = [m["content"] for m in msgs if m["role"] == "user"]
         [(expert, route)] = await _resolve(state, body.model, [users[-1] if users else msgs[-1]["content"]])
         codec = await run_in_threadpool(state.codec, expert)
-        ids, stop = codec.chat_prompt(msgs)
-        return await _run(state, request, body, [Prompt(expert, route, ids)], stop, chat=True)
+        how = body.tool_mode()
+        msgs, specs = toolkit.prompt(msgs, body.tools if how else [], codec.takes_tools)
+        try:
+            ids, stop = codec.chat_prompt(msgs, tools=specs)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        tools = (body.tools, how) if how else None
+        return await _run(state, request, body, [Prompt(expert, route, ids)], stop, chat=True, tools=tools)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -260,9 +267,10 @@ async def _resolve(state: ServerState, model: str, texts: list) -> list[tuple[st
     return [(r.expert if r.expert in state.experts else state.fallback, (r.category, r.prob)) for r in routes]
 
 
-async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool):
+async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool, tools=None):
     """Queue n sequences per prompt (choice i*n + j is prompt i's j-th; with a seed, its seed is seed + j)
-    and answer with all of them, streamed or as one body."""
+    and answer with all of them, streamed or as one body. `tools`: (tools, mode) when tool calls are in
+    play (server/tools.py)."""
     named = body.token_ids()
     for p in prompts:
         top, vocab = max(named, default=-1), state.vocab(p.expert)
@@ -305,9 +313,9 @@ async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool):
     from coeserve.server.stream import collect, stream
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream(state, model, jobs, body.n, events, chat, include),
+        return StreamingResponse(stream(state, model, jobs, body.n, events, chat, include, tools),
                                  media_type="text/event-stream", headers=headers)
-    out = await collect(state, request, model, jobs, body.n, events, chat)
+    out = await collect(state, request, model, jobs, body.n, events, chat, tools)
     return JSONResponse(out, headers=headers, status_code=200 if "error" not in out else 500)
 
 

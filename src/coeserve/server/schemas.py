@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from coeserve.engine.sequence import MAX_LOGPROBS
+from coeserve.server import tools as toolkit
+from coeserve.server.tools import Tool, ToolCall, ToolChoice
 
 MAX_CHOICES = 64  # sequences one request may ask for (n, times the prompts of a completions batch)
 
@@ -148,19 +150,46 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
     def plain(self) -> dict:
-        """As a chat template takes it (a developer message is a system message)."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        """As a chat template takes it (a developer message is a system message; tool calls with their
+        arguments as objects, as transformers' templates expect)."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -169,7 +198,19 @@ class ChatRequest(_Sampling):
     def _top_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        self.tool_mode()  # tool_choice checked against the tools
         return self
+
+    def tool_mode(self) -> str | None:
+        """None (no tools in play), "auto", "required" or the forced function's name (server/tools.py)."""
+        return toolkit.mode(self.tools, self.tool_choice)
+
+    def grammar(self) -> tuple[str, str] | None:
+        forced = toolkit.grammar(self.tools or [], self.tool_mode(), self.parallel_tool_calls)
+        own = super().grammar()
+        if forced and own:
+            raise ValueError("a required or named tool_choice goes without response_format or structured_outputs")
+        return forced or own
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -245,9 +286,12 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish}
+def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None,
+                tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
 def chat_body(rid: str, model: str, choices: list[dict], use: dict) -> dict:

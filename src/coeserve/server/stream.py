@@ -8,6 +8,7 @@ import asyncio
 import json
 
 from coeserve.server import schemas
+from coeserve.server import tools as toolkit
 
 FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
 
@@ -70,11 +71,23 @@ def _cancel(state, jobs, done: set) -> None:
             state.scheduler.cancel(job)
 
 
-async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: bool, include_usage: bool):
+def _finish(seq, tools, calls) -> str:
+    """A choice's finish reason: a call chosen by the model (auto, required) ends in tool_calls."""
+    if calls and tools[1] in ("auto", "required"):
+        return "tool_calls"
+    return FINISH.get(seq.finish_reason, "stop")
+
+
+async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: bool, include_usage: bool,
+                 tools=None):
+    """`tools`: (tools, mode) when tool calls are in play: a choice's text is held while it may be calls
+    (server/tools.Held) and calls go out as one tool_calls delta at its finish."""
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     tally, done, failed = _Tally(state, jobs, n), set(), False
     logprobs = [_logprobs(state, job, chat) for job in jobs]
     sent = [0] * len(jobs)  # per choice, the tokens whose logprobs went out
+    held = [toolkit.Held(*tools) if tools else None for _ in jobs]
+    pending = [[] for _ in jobs]  # per choice, the logprobs of text held back
     try:
         if chat:
             for i in range(len(jobs)):
@@ -84,6 +97,11 @@ async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: b
             if kind == "text":
                 tally.text(i, at)
                 text, items = payload
+                if held[i] is not None:
+                    text, items = held[i].push(text), pending[i] + items
+                    pending[i] = [] if text else items
+                    if not text:
+                        continue
                 sent[i] += len(items)
                 lp = logprobs[i](items)
                 yield _sse(schemas.chat_chunk(rid, model, {"content": text}, logprobs=lp, index=i) if chat else
@@ -95,9 +113,17 @@ async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: b
                 yield _sse(schemas.error_body(f"{jobs[i].expert} failed: {payload}", "server_error"))
                 break
             done.add(i)
-            seq = payload
-            reason = FINISH.get(seq.finish_reason, "stop")
-            lp = logprobs[i](seq.logprobs[sent[i]:])  # tokens whose text never showed (a stop string's)
+            seq, calls, rest = payload, None, ""
+            if held[i] is not None:
+                calls, rest = held[i].end()
+            reason = _finish(seq, tools, calls)
+            lp = logprobs[i](seq.logprobs[sent[i]:])  # tokens whose text never showed (a stop string's, held)
+            delta = {"content": rest} if rest else {}
+            if calls:
+                delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+            if delta:
+                yield _sse(schemas.chat_chunk(rid, model, delta, logprobs=lp, index=i))
+                lp = None
             yield _sse(schemas.chat_chunk(rid, model, {}, reason, logprobs=lp, index=i) if chat else
                        schemas.completion_chunk(rid, model, "", reason, logprobs=lp, index=i))
         if not failed:
@@ -113,7 +139,7 @@ async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: b
                 state.metrics.requests.labels(jobs[0].expert, "cancelled").inc()
 
 
-async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queue, chat: bool) -> dict:
+async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queue, chat: bool, tools=None) -> dict:
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     tally, done = _Tally(state, jobs, n), set()
     while len(done) < len(jobs):
@@ -134,7 +160,11 @@ async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queu
             done.add(i)
     choices = []
     for i, job in enumerate(jobs):
-        seq, make = job.seq, schemas.chat_choice if chat else schemas.completion_choice
-        choices.append(make(i, seq.text, FINISH.get(seq.finish_reason, "stop"), _logprobs(state, job, chat)(seq.logprobs)))
+        seq, lp = job.seq, _logprobs(state, job, chat)(job.seq.logprobs)
+        if not chat:
+            choices.append(schemas.completion_choice(i, seq.text, FINISH.get(seq.finish_reason, "stop"), lp))
+            continue
+        calls = toolkit.calls(seq.text, tools[0], tools[1]) if tools else None
+        choices.append(schemas.chat_choice(i, seq.text, _finish(seq, tools, calls), lp, calls))
     tally.done(FINISH.get(jobs[0].seq.finish_reason, "stop"))
     return (schemas.chat_body if chat else schemas.completion_body)(rid, model, choices, tally.usage())
