@@ -206,6 +206,14 @@ def test_penalties_pick_the_best_penalised_token(engine, smol):
     assert rep != plain and max(collections.Counter(rep).values()) < max(collections.Counter(plain).values())
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy(engine, smol):
+    ids = chat_ids(smol, "What is the capital of France?")
+    [greedy] = engine.generate([ids], SamplingParams(max_tokens=12, temperature=0))
+    [tiny] = engine.generate([ids], SamplingParams(max_tokens=12, temperature=1e-39, logit_bias=((5, 100.0),)))
+    [tiny_plain] = engine.generate([ids], SamplingParams(max_tokens=12, temperature=1e-39))
+    assert tiny_plain.output_ids == greedy.output_ids and set(tiny.output_ids) == {5}
+
+
 def test_penalise_values():
     row = torch.tensor([2.0, -1.0, 0.5, 3.0])
     seq = Sequence([0], SamplingParams(repetition_penalty=2.0))
@@ -273,6 +281,13 @@ def test_structured_output_follows_its_schema_regex_choice_and_grammar(engine, s
     [yes_no] = engine.generate([chat_ids(smol, "Is the sky blue?")],
                                SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, grammar=asks[2][1]))
     assert yes_no.text == seqs[2].text and yes_no.finish_reason == "stop"
+    # A grammar that compiles but admits no token ends its output there, sampled or greedy; the batch goes on.
+    dead = [engine.add(engine.make_sequence(chat_ids(smol, "hi"), SamplingParams(temperature=t, grammar=g)))
+            for t in (0.0, 0.9) for g in (("regex", r"[^\s\S]"), ("regex", r"a[^\s\S]"))]
+    live = engine.add(engine.make_sequence(chat_ids(smol, asks[5][0]), SamplingParams(max_tokens=40, temperature=0)))
+    engine.run_until_done()
+    assert [(s.text, s.finish_reason) for s in dead] == [("", "stop"), ("a", "stop")] * 2
+    assert live.output_ids == alone.output_ids
     for bad in [("regex", "(unclosed"), ("json_schema", "{not json"), ("ebnf", "root ::= ")]:
         with pytest.raises(GrammarError, match="does not compile"):
             engine.make_sequence(chat_ids(smol, "hi"), SamplingParams(grammar=bad))

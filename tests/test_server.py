@@ -240,6 +240,7 @@ def test_logit_bias_and_stop_token_ids(live):
     assert cut.choices[0].finish_reason == "stop" and "Paris" not in cut.choices[0].message.content
     assert plain.choices[0].message.content.startswith(cut.choices[0].message.content)
     for kw, needle in [({"logit_bias": {"7": 101}}, "[-100, 100]"), ({"logit_bias": {"x": 1}}, "token ids"),
+                       ({"logit_bias": {"7": 1, "007": 1}}, "twice"),
                        ({"logit_bias": {str(10 ** 9): 1}}, "vocabulary"),
                        ({"extra_body": {"stop_token_ids": [10 ** 9]}}, "vocabulary")]:
         with pytest.raises(openai.BadRequestError) as e:
@@ -316,9 +317,18 @@ def test_tool_calls_required_named_streamed_and_answered(live):
     answer = c.chat.completions.create(model=SMOL, messages=after, tools=TOOLS, tool_choice="none", max_tokens=24,
                                        temperature=0).choices[0]
     assert answer.message.content and not answer.message.tool_calls
-    auto = c.chat.completions.create(**kw).choices[0]
-    assert bool(auto.message.tool_calls) == (auto.finish_reason == "tool_calls")
-    assert auto.message.tool_calls or auto.message.content
+    # auto: this model answers in words; streamed, the words are held only while they might open a call,
+    # and the stream carries the same text and the logprobs of all its tokens.
+    auto = c.chat.completions.create(logprobs=True, **kw).choices[0]
+    assert auto.message.content and not auto.message.tool_calls and auto.finish_reason == "length"
+    chunks = [ch for ch in c.chat.completions.create(logprobs=True, stream=True, **kw) if ch.choices]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == auto.message.content
+    streamed = [t.token for ch in chunks if ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert streamed == [t.token for t in auto.logprobs.content]
+    # /tokenize counts the prompt the chat endpoint builds, tools and tool turns included.
+    _, counted = post(live, "/tokenize", {"model": SMOL, "messages": after, "tools": TOOLS})
+    assert counted["count"] == c.chat.completions.create(model=SMOL, messages=after, tools=TOOLS, max_tokens=1
+                                                          ).usage.prompt_tokens
     for bad, needle in [({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
                         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "goes without")]:
         with pytest.raises(openai.BadRequestError) as e:

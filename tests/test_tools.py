@@ -30,6 +30,8 @@ def named(name: str) -> NamedChoice:
     ('The weather is fine. {"name": "get_time", "arguments": {}}', None),
     ('[]', None),
     ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call> and more words', None),
+    ('```\n{"name": "get_time", "arguments": {}}\n```', None),  # a fence that does not say json: content
+    ('{"name": ["get_time"]}', None), ('[{"name": {}}]', None), ("[" * 5000, None), ("[" * 5000 + "]" * 5000, None),
 ])
 def test_what_counts_as_calls_in_auto(text, names):
     found = calls(text, TOOLS, "auto")
@@ -39,10 +41,12 @@ def test_what_counts_as_calls_in_auto(text, names):
         assert isinstance(json.loads(c["function"]["arguments"]), dict)
 
 
-def test_a_named_function_answer_is_its_arguments():
-    [c] = calls('{"city": "Lima"}', TOOLS, "get_weather")
+def test_a_named_function_answer_is_its_arguments_and_parallel_false_keeps_one_call():
+    [c] = calls('{"city": "Lima"}', TOOLS, ("function", "get_weather"))
     assert c["function"] == {"name": "get_weather", "arguments": '{"city": "Lima"}'}
-    assert calls('{"city": "Li', TOOLS, "get_weather") is None  # cut by max_tokens: content
+    assert calls('{"city": "Li', TOOLS, ("function", "get_weather")) is None  # cut by max_tokens: content
+    two = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    assert len(calls(two, TOOLS, "auto")) == 2 and len(calls(two, TOOLS, "auto", parallel=False)) == 1
 
 
 def test_a_stream_holds_back_only_what_may_become_calls():
@@ -74,7 +78,9 @@ def test_a_template_without_tools_gets_them_in_a_system_message():
 
 def test_modes_and_forcing_schemas():
     assert mode(None, None) is None and mode(TOOLS, None) == "auto" and mode(TOOLS, "none") is None
-    assert mode(TOOLS, "required") == "required" and mode(TOOLS, named("get_time")) == "get_time"
+    assert mode(TOOLS, "required") == "required" and mode(TOOLS, named("get_time")) == ("function", "get_time")
+    odd = [Tool.model_validate({"type": "function", "function": {"name": n}}) for n in ("auto", "required")]
+    assert mode(odd, named("required")) == ("function", "required")  # a tool's name is not a mode
     with pytest.raises(ValueError, match="needs tools"):
         mode(None, "required")
     with pytest.raises(ValueError, match="not among the tools"):
@@ -84,4 +90,5 @@ def test_modes_and_forcing_schemas():
     schema = json.loads(spec)
     assert kind == "json_schema" and schema["minItems"] == 1 and schema["maxItems"] == 1
     assert [a["properties"]["name"]["enum"] for a in schema["items"]["anyOf"]] == [["get_weather"], ["get_time"]]
-    assert json.loads(grammar(TOOLS, "get_weather", True)[1]) == WEATHER.function.parameters
+    assert json.loads(grammar(TOOLS, ("function", "get_weather"), True)[1]) == WEATHER.function.parameters
+    assert json.loads(grammar(odd, ("function", "required"), True)[1]) == {"type": "object", "properties": {}}

@@ -16,7 +16,7 @@ from coeserve.config import EngineConfig, ModelConfig
 from coeserve.engine import grammar
 from coeserve.engine.kv_cache import MIN_REUSE, KVCache, common
 from coeserve.engine.runner import Runner
-from coeserve.engine.sampler import sample, token_logprobs
+from coeserve.engine.sampler import NONE, sample, token_logprobs
 from coeserve.engine.sequence import SamplingParams, Sequence, Status
 from coeserve.engine.tokenizer import Codec
 
@@ -219,6 +219,9 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int, done: list[Sequence], logprob=None) -> None:
         p, eos = seq.params, self._eos()
+        if token == NONE:  # its grammar allows nothing more: the output ends here
+            self._extend(seq, None)
+            return self._finish(seq, "stop", done)
         # A grammar's output ends with the end-of-sequence token it alone then allows (even with ignore_eos).
         complete = seq.matcher is not None and seq.matcher.accept_token(token) and seq.matcher.is_terminated()
         if (token in eos and not p.ignore_eos) or token in p.stop_token_ids or complete:

@@ -35,15 +35,16 @@ def _xgrammar():
 
 
 _LOCK = threading.Lock()
-_COMPILERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # codec → {vocab size: GrammarCompiler}
+_COMPILERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # codec → (lock, {vocab size: compiler})
 
 
 def compiled(codec, kind: str, spec: str, vocab_size: int):
     """The compiled constraint for an expert's tokenizer (`codec`) and logits of `vocab_size`; cached per
     codec and vocabulary size, and per constraint by xgrammar. Raises GrammarError."""
     xgr = _xgrammar()
-    with _LOCK:
-        compilers = _COMPILERS.setdefault(codec, {})
+    with _LOCK:  # held only to find the codec's own lock: building its compiler takes seconds
+        lock, compilers = _COMPILERS.setdefault(codec, (threading.Lock(), {}))
+    with lock:
         if vocab_size not in compilers:
             info = xgr.TokenizerInfo.from_huggingface(codec.tok, vocab_size=vocab_size,
                                                       stop_token_ids=sorted(codec.eos_ids))

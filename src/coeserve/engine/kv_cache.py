@@ -22,7 +22,7 @@ class CacheFull(RuntimeError):
     pass
 
 
-MIN_REUSE = 8  # prompt tokens a kept slot must hold to be reused for them (fewer: the lowest slot wins)
+MIN_REUSE = 8  # prompt tokens a kept slot must hold to be reused for them (fewer: computed again)
 
 
 def common(a, b, limit: int) -> int:

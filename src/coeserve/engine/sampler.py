@@ -20,8 +20,12 @@ class TokenLogprob(NamedTuple):
     top: tuple[tuple[int, float], ...] = ()
 
 
+NONE = -1  # sample()'s token for a row that allows no token (a grammar at a dead end): the sequence ends
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], ban: dict[int, list[int]] | None = None) -> list[int]:
-    """A token for each row; `ban`: row → token ids it may not take (the ends a min_tokens holds off)."""
+    """A token for each row; `ban`: row → token ids it may not take (the ends a min_tokens holds off).
+    NONE for a row whose masks allow no token."""
     logits = logits.float()
     guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
     if guided or ban or any(s.params.penalised for s in seqs):
@@ -33,8 +37,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], ban: dict[int, list[int]]
             logits[i, ids] = float("-inf")
         if guided:  # structured output: only the tokens that keep each output valid
             grammar.mask(logits, guided, [seqs[i].matcher for i in guided])
+    dead = set()
+    if guided:  # a grammar at a dead end (it compiled, yet admits nothing here) allows no token at all
+        allowed = (logits[guided] > float("-inf")).any(dim=-1).tolist()
+        dead = {i for i, ok in zip(guided, allowed) if not ok}
     greedy = logits.argmax(dim=-1).tolist()
-    return [greedy[i] if s.params.greedy else _sample_row(logits[i], s) for i, s in enumerate(seqs)]
+    return [NONE if i in dead else greedy[i] if s.params.greedy else _sample_row(logits[i], s)
+            for i, s in enumerate(seqs)]
 
 
 def penalise(row: torch.Tensor, seq: Sequence) -> None:

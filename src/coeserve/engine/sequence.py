@@ -62,7 +62,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Greedy: temperature 0 (or below 1e-5, vLLM's bound, where dividing by it overflows) or top_k 1."""
+        return self.temperature < 1e-5 or self.top_k == 1
 
     @property
     def penalised(self) -> bool:

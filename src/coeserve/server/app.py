@@ -211,7 +211,7 @@ def create_app(state: ServerState) -> FastAPI:
             ids, stop = codec.chat_prompt(msgs, tools=specs)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
-        tools = (body.tools, how) if how else None
+        tools = (body.tools, how, body.parallel_tool_calls) if how else None
         return await _run(state, request, body, [Prompt(expert, route, ids)], stop, chat=True, tools=tools)
 
     @app.post("/v1/completions")
@@ -269,8 +269,8 @@ async def _resolve(state: ServerState, model: str, texts: list) -> list[tuple[st
 
 async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool, tools=None):
     """Queue n sequences per prompt (choice i*n + j is prompt i's j-th; with a seed, its seed is seed + j)
-    and answer with all of them, streamed or as one body. `tools`: (tools, mode) when tool calls are in
-    play (server/tools.py)."""
+    and answer with all of them, streamed or as one body. `tools`: (tools, mode, parallel) when tool calls
+    are in play (server/tools.py)."""
     named = body.token_ids()
     for p in prompts:
         top, vocab = max(named, default=-1), state.vocab(p.expert)
@@ -293,7 +293,8 @@ async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool, to
             try:
                 await run_in_threadpool(grammar.compiled, codec, *params[0].grammar, state.vocab(expert))
             except grammar.GrammarError as e:
-                where = "structured_outputs" if body.structured_outputs else "response_format"
+                forced = isinstance(body, ChatRequest) and body.tool_mode() not in (None, "auto")
+                where = "tools" if forced else "structured_outputs" if body.structured_outputs else "response_format"
                 raise ApiError(400, str(e), param=where) from None
     events, post = asyncio.Queue(), state.post_box()
     jobs = [_job(p.expert, p.ids, params[j], i * body.n + j, events, post, not body.stream)

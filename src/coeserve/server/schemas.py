@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator, model_validator
 
 from coeserve.engine.sequence import MAX_LOGPROBS
 from coeserve.server import tools as toolkit
@@ -74,7 +74,7 @@ class _Sampling(BaseModel):
     top_k: int = Field(default=0, ge=-1)  # 0 or -1: off
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
-    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    stop_token_ids: list[NonNegativeInt] | None = Field(default=None, max_length=64)
     min_tokens: int = Field(default=0, ge=0)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -126,13 +126,8 @@ class _Sampling(BaseModel):
                 raise ValueError(f"keys are token ids, not {k!r}")
             if not -100 <= b <= 100:
                 raise ValueError(f"the bias of token {k} is {b}; it must be in [-100, 100]")
-        return v
-
-    @field_validator("stop_token_ids")
-    @classmethod
-    def _stop_ids(cls, v):
-        if v and min(v) < 0:
-            raise ValueError("token ids are not negative")
+        if len({int(k) for k in v}) < len(v):
+            raise ValueError("a token id is given twice (as keys like '7' and '07')")
         return v
 
     @field_validator("stop")
@@ -201,8 +196,8 @@ class ChatRequest(_Sampling):
         self.tool_mode()  # tool_choice checked against the tools
         return self
 
-    def tool_mode(self) -> str | None:
-        """None (no tools in play), "auto", "required" or the forced function's name (server/tools.py)."""
+    def tool_mode(self) -> toolkit.Mode:
+        """None (no tools in play), "auto", "required" or ("function", name) (server/tools.py)."""
         return toolkit.mode(self.tools, self.tool_choice)
 
     def grammar(self) -> tuple[str, str] | None:
@@ -255,6 +250,7 @@ class TokenizeRequest(BaseModel):
     model: str = Field(min_length=1)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = None  # with messages: as the chat endpoint puts them in the prompt
     add_special_tokens: bool = True  # for a prompt: the tokens the tokenizer adds (a BOS, for one)
     add_generation_prompt: bool = True  # for messages: end where the assistant's answer begins
     return_token_strs: bool = False
@@ -268,14 +264,7 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model: str = Field(min_length=1)
-    tokens: list[int]
-
-    @field_validator("tokens")
-    @classmethod
-    def _ids(cls, v):
-        if v and min(v) < 0:
-            raise ValueError("token ids are not negative")
-        return v
+    tokens: list[NonNegativeInt]
 
 
 def new_id(prefix: str) -> str:

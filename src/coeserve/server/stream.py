@@ -80,7 +80,7 @@ def _finish(seq, tools, calls) -> str:
 
 async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: bool, include_usage: bool,
                  tools=None):
-    """`tools`: (tools, mode) when tool calls are in play: a choice's text is held while it may be calls
+    """`tools`: (tools, mode, parallel) when tool calls are in play: a choice's text is held while it may be calls
     (server/tools.Held) and calls go out as one tool_calls delta at its finish."""
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     tally, done, failed = _Tally(state, jobs, n), set(), False
@@ -164,7 +164,7 @@ async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queu
         if not chat:
             choices.append(schemas.completion_choice(i, seq.text, FINISH.get(seq.finish_reason, "stop"), lp))
             continue
-        calls = toolkit.calls(seq.text, tools[0], tools[1]) if tools else None
+        calls = toolkit.calls(seq.text, *tools) if tools else None
         choices.append(schemas.chat_choice(i, seq.text, _finish(seq, tools, calls), lp, calls))
     tally.done(FINISH.get(jobs[0].seq.finish_reason, "stop"))
     return (schemas.chat_body if chat else schemas.completion_body)(rid, model, choices, tally.usage())

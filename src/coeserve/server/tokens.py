@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from starlette.concurrency import run_in_threadpool
 
+from coeserve.server import tools as toolkit
 from coeserve.server.app import VIRTUAL, ApiError, expert_named
 from coeserve.server.schemas import DetokenizeRequest, TokenizeRequest
 
@@ -21,8 +22,12 @@ def add_routes(app, state) -> None:
     async def tokenize(body: TokenizeRequest):
         expert = _expert(state, body.model)
         codec = await run_in_threadpool(state.codec, expert)
-        if body.messages is not None:
-            ids = codec.chat_prompt([m.plain() for m in body.messages], body.add_generation_prompt)[0]
+        if body.messages is not None:  # as the chat endpoint builds the prompt (tools included)
+            msgs, specs = toolkit.prompt([m.plain() for m in body.messages], body.tools or [], codec.takes_tools)
+            try:
+                ids = codec.chat_prompt(msgs, body.add_generation_prompt, specs)[0]
+            except ValueError as e:
+                raise ApiError(400, str(e), param="messages") from None
         else:
             ids = codec.encode(body.prompt, body.add_special_tokens)
         out = {"count": len(ids), "max_model_len": state.context(expert), "tokens": ids, "token_strs": None}

@@ -8,7 +8,7 @@ one for `auto`:
   structured output (engine/grammar.py), so the calls always parse and match the tools' parameters;
 - `auto` (the default when tools are given) lets the model choose: an answer that is such a JSON list
   or object, bare, in a ```json fence or in <tool_call> tags, and names only given tools, becomes tool
-  calls; any other answer is content. While the start of a streamed answer may still become a call it
+  calls (the first alone with `parallel_tool_calls: false`); any other answer is content. While the start of a streamed answer may still become a call it
   is held back, then sent as content the moment it cannot;
 - `none` leaves the tools out of the prompt.
 """
@@ -57,8 +57,11 @@ class ToolCall(BaseModel):
 ToolChoice = Literal["none", "auto", "required"] | NamedChoice
 
 
-def mode(tools: list[Tool] | None, choice: ToolChoice | None) -> str | None:
-    """None (no tools in play), "auto", "required" or the forced function's name; checks the pair."""
+Mode = str | tuple[str, str] | None  # None (no tools in play), "auto", "required" or ("function", name)
+
+
+def mode(tools: list[Tool] | None, choice: ToolChoice | None) -> Mode:
+    """How tools are in play (Mode); checks the pair."""
     if not tools:
         if choice not in (None, "none"):
             raise ValueError("tool_choice needs tools")
@@ -71,15 +74,15 @@ def mode(tools: list[Tool] | None, choice: ToolChoice | None) -> str | None:
         return "required"
     if choice.function.name not in {t.function.name for t in tools}:
         raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
-    return choice.function.name
+    return ("function", choice.function.name)
 
 
-def grammar(tools: list[Tool], how: str | None, parallel: bool) -> tuple[str, str] | None:
+def grammar(tools: list[Tool], how: Mode, parallel: bool) -> tuple[str, str] | None:
     """The structured output that forces the calls (`required`, a named function), else None."""
     if how in (None, "auto"):
         return None
     if how != "required":
-        [tool] = [t for t in tools if t.function.name == how]
+        [tool] = [t for t in tools if t.function.name == how[1]]
         return ("json_schema", json.dumps(tool.function.parameters))
     calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
                                                "arguments": t.function.parameters},
@@ -112,20 +115,16 @@ def prompt(messages: list[dict], tools: list[Tool], template_takes_tools: bool) 
     return out, None
 
 
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
+_FENCE = re.compile(r"^```json\s*(.*?)\s*```$", re.S)
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-_OPENINGS = ("{", "[", "```", "<tool_call>")
+_OPENINGS = ("{", "[", "```json", "<tool_call>")
 
 
-def calls(text: str, tools: list[Tool], how: str | None) -> list[dict] | None:
+def calls(text: str, tools: list[Tool], how: Mode, parallel: bool = True) -> list[dict] | None:
     """The tool calls in an answer, in OpenAI's shape, or None if it holds none (then it is content)."""
     names = {t.function.name for t in tools}
-    if how not in (None, "auto", "required"):  # a named function: the answer is its arguments
-        try:
-            json.loads(text)
-        except ValueError:
-            return None
-        return [_call(how, text)]
+    if isinstance(how, tuple):  # a named function: the answer is its arguments
+        return [_call(how[1], text)] if _parse(text) else None
     body = text.strip()
     tagged = _TAGGED.findall(body)
     if tagged and not _TAGGED.sub("", body).strip():
@@ -137,19 +136,21 @@ def calls(text: str, tools: list[Tool], how: str | None) -> list[dict] | None:
         items = _parse(fence.group(1) if fence else body)
     found = []
     for item in items:
-        if not isinstance(item, dict) or item.get("name") not in names:
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or name not in names:
             return None
         args = item.get("arguments", item.get("parameters", {}))
         if not isinstance(args, dict):
             return None
-        found.append(_call(item["name"], json.dumps(args)))
-    return found or None
+        found.append(_call(name, json.dumps(args)))
+    return (found if parallel else found[:1]) or None
 
 
 def _parse(text: str) -> list:
+    """The JSON value of `text` as a list of items ([] when it is not JSON, however deep or odd)."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     return value if isinstance(value, list) else [value]
 
@@ -163,8 +164,8 @@ class Held:
     """A streamed choice's text while it may still be tool calls: `push` gives the text to send now as
     content (none while held), `end` the calls, or the content still held, at the finish."""
 
-    def __init__(self, tools: list[Tool], how: str):
-        self.tools, self.how, self.text, self.free = tools, how, "", False
+    def __init__(self, tools: list[Tool], how: Mode, parallel: bool = True):
+        self.tools, self.how, self.parallel, self.text, self.free = tools, how, parallel, "", False
 
     def push(self, text: str) -> str:
         if self.free:
@@ -179,5 +180,5 @@ class Held:
     def end(self) -> tuple[list[dict] | None, str]:
         if self.free:
             return None, ""
-        found = calls(self.text, self.tools, self.how)
+        found = calls(self.text, self.tools, self.how, self.parallel)
         return found, "" if found else self.text
