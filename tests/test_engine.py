@@ -288,6 +288,12 @@ def test_structured_output_follows_its_schema_regex_choice_and_grammar(engine, s
     engine.run_until_done()
     assert [(s.text, s.finish_reason) for s in dead] == [("", "stop"), ("a", "stop")] * 2
     assert live.output_ids == alone.output_ids
+    # A grammar that fails in the engine (make_sequence was skipped) ends that sequence alone, with its error.
+    broken = engine.add(Sequence(chat_ids(smol, "hi"), SamplingParams(grammar=("regex", "(unclosed"))))
+    live = engine.add(engine.make_sequence(chat_ids(smol, asks[5][0]), SamplingParams(max_tokens=40, temperature=0)))
+    engine.run_until_done()
+    assert broken.finish_reason == "abort" and "does not compile" in broken.error and not broken.output_ids
+    assert live.output_ids == alone.output_ids
     for bad in [("regex", "(unclosed"), ("json_schema", "{not json"), ("ebnf", "root ::= ")]:
         with pytest.raises(GrammarError, match="does not compile"):
             engine.make_sequence(chat_ids(smol, "hi"), SamplingParams(grammar=bad))

@@ -274,7 +274,10 @@ class Scheduler:
             self._pending -= 1
         if reason:
             req.seq.finish_reason = reason
-        req.on_event("done", req.seq)
+        if req.seq.error:  # this sequence alone failed (a grammar a node could not compile)
+            req.on_event("error", RuntimeError(req.seq.error))
+        else:
+            req.on_event("done", req.seq)
 
     def _fail_expert(self, name: str, err: Exception) -> None:
         for req in list(self.queues.pop(name, ())) + self.active.pop(name, []):

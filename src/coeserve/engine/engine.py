@@ -132,10 +132,15 @@ class Engine:
                 logits = logits[:len(rows)]  # only the last chunk may stop short of its prompt's end
         for seq in rows:
             if seq.params.grammar and seq.matcher is None:
-                seq.matcher = grammar.matcher(self.expert.codec, seq.params.grammar, self.expert.cfg.vocab_size)
+                try:
+                    seq.matcher = grammar.matcher(self.expert.codec, seq.params.grammar, self.expert.cfg.vocab_size)
+                except grammar.GrammarError as e:  # its own failure, not the batch's (make_sequence checks first)
+                    seq.error = str(e)
+                    self._finish(seq, "abort", done)
         tokens = sample(logits, rows, self._held_off(rows))
         for seq, tok, lp in zip(rows, tokens, token_logprobs(logits, rows, tokens)):
-            self._append(seq, tok, done, lp)
+            if not seq.finished:
+                self._append(seq, tok, done, lp)
         return done
 
     def run_until_done(self) -> None:

@@ -102,6 +102,7 @@ class Sequence:
     logprobs: list = field(default_factory=list)  # with params.logprobs: a `TokenLogprob` per output token
     logprobs_taken: int = 0  # of them, passed on by take_logprobs
     matcher: object | None = None  # with params.grammar: its xgrammar matcher, made at the first sample
+    error: str | None = None  # why the engine ended it ("abort"), when it failed on its own
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self):
