@@ -270,12 +270,12 @@ def test_structured_output_response_format_and_structured_outputs(live):
     done = c.completions.create(model=GEMMA, prompt="The year the Eiffel Tower was finished:", max_tokens=8,
                                 temperature=0, extra_body={"structured_outputs": {"regex": "1[0-9]{3}"}})
     assert re.fullmatch("1[0-9]{3}", done.choices[0].text) and done.choices[0].finish_reason == "stop"
-    for kw, needle in [({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
-                        "json schema does not compile"),
+    nonsense = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    for kw, needle in [({"response_format": nonsense}, "json schema does not compile"),
                        ({"extra_body": {"structured_outputs": {"regex": "(unclosed"}}}, "regex does not compile"),
                        ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "exactly one"),
-                       ({"response_format": {"type": "json_object"}, "extra_body": {"structured_outputs": {"regex": "a"}}},
-                        "not both")]:
+                       ({"response_format": {"type": "json_object"},
+                         "extra_body": {"structured_outputs": {"regex": "a"}}}, "not both")]:
         with pytest.raises(openai.BadRequestError) as e:
             ask(c, **kw)
         assert needle in e.value.body["message"]

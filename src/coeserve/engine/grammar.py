@@ -18,9 +18,6 @@ import torch
 
 from coeserve.engine.sequence import GRAMMARS
 
-ANY_OBJECT = '{"type": "object"}'  # OpenAI's json_object: any JSON object
-
-
 class GrammarError(ValueError):
     """The constraint does not compile (a bad schema, regex or grammar); the message says why."""
 

@@ -5,7 +5,6 @@ OpenAI-style body; one request's failure never touches the others."""
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from dataclasses import dataclass, field

@@ -80,8 +80,8 @@ def _finish(seq, tools, calls) -> str:
 
 async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: bool, include_usage: bool,
                  tools=None):
-    """`tools`: (tools, mode, parallel) when tool calls are in play: a choice's text is held while it may be calls
-    (server/tools.Held) and calls go out as one tool_calls delta at its finish."""
+    """`tools`: (tools, mode, parallel) when tool calls are in play: a choice's text is held while it may
+    be calls (server/tools.Held) and calls go out as one tool_calls delta at its finish."""
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     tally, done, failed = _Tally(state, jobs, n), set(), False
     logprobs = [_logprobs(state, job, chat) for job in jobs]

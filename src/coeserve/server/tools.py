@@ -8,8 +8,9 @@ one for `auto`:
   structured output (engine/grammar.py), so the calls always parse and match the tools' parameters;
 - `auto` (the default when tools are given) lets the model choose: an answer that is such a JSON list
   or object, bare, in a ```json fence or in <tool_call> tags, and names only given tools, becomes tool
-  calls (the first alone with `parallel_tool_calls: false`); any other answer is content. While the start of a streamed answer may still become a call it
-  is held back, then sent as content the moment it cannot;
+  calls (the first alone with `parallel_tool_calls: false`); any other answer is content. While the
+  start of a streamed answer may still become a call it is held back, then sent as content the moment
+  it cannot;
 - `none` leaves the tools out of the prompt.
 """
 from __future__ import annotations
