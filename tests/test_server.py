@@ -338,6 +338,70 @@ def test_tool_calls_required_named_streamed_and_answered(live):
         ask(c, tool_choice="required")
 
 
+def ollama_lines(live, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(live.base + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        return [json.loads(line) for line in r.read().decode().splitlines() if line.strip()]
+
+
+def test_ollama_api(live, gemma):
+    """Ollama's /api/chat and /api/generate (NDJSON streams by default, or one body), /api/tags, /api/show
+    and /api/version answer as Ollama does, with the text the OpenAI endpoints give for the same settings;
+    errors are {"error": ...}."""
+    c = live.client()
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    greedy = {"temperature": 0, "num_predict": 12}
+    status, one = post(live, "/api/chat", {"model": SMOL, "messages": q, "stream": False, "options": greedy})
+    assert status == 200 and one["done"] and one["message"]["role"] == "assistant"
+    assert one["message"]["content"] == ask(c, max_tokens=12).choices[0].message.content
+    assert one["eval_count"] > 0 and one["prompt_eval_count"] > 5 and one["total_duration"] >= one["eval_duration"] > 0
+    lines = ollama_lines(live, "/api/chat", {"model": SMOL, "messages": q, "options": greedy})
+    assert all(not x["done"] for x in lines[:-1]) and lines[-1]["done"]
+    assert lines[-1]["done_reason"] in ("stop", "length")
+    assert "".join(x["message"]["content"] for x in lines) == one["message"]["content"]
+    assert lines[-1]["eval_count"] == one["eval_count"]
+    status, gen = post(live, "/api/generate", {"model": SMOL, "prompt": q[0]["content"], "stream": False,
+                                               "options": greedy})
+    assert status == 200 and gen["response"] == one["message"]["content"]
+    raw = ollama_lines(live, "/api/generate", {"model": GEMMA, "prompt": "1, 2, 3, 4, 5,", "raw": True,
+                                               "options": {"temperature": 0, "num_predict": 6}})
+    assert "".join(x["response"] for x in raw).startswith(" 6, 7") and raw[-1]["done_reason"] == "length"
+    cat = [{"role": "user", "content": "Give a JSON object with a cat's name and colour."}]
+    status, js = post(live, "/api/chat", {"model": SMOL, "stream": False, "format": "json", "messages": cat,
+                                          "options": greedy | {"num_predict": 48}})
+    assert status == 200 and isinstance(json.loads(js["message"]["content"]), dict)
+    # A history with Ollama's tool calls (arguments as an object) and a tool result, tools given: a prompt as
+    # /v1/chat/completions builds it from the same turns.
+    turns = q + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather",
+                                                                                 "arguments": {"city": "Paris"}}}]},
+                 {"role": "tool", "content": "18 degrees and sunny"}]
+    status, told = post(live, "/api/chat", {"model": SMOL, "messages": turns, "tools": TOOLS, "stream": False,
+                                            "options": greedy})
+    openai_turns = q + [{"role": "assistant", "content": None, "tool_calls": [{"id": "call_0", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                        {"role": "tool", "tool_call_id": "", "content": "18 degrees and sunny"}]
+    same = c.chat.completions.create(model=SMOL, messages=openai_turns, tools=TOOLS, max_tokens=12, temperature=0)
+    assert status == 200 and told["prompt_eval_count"] == same.usage.prompt_tokens
+    assert told["message"]["content"] == (same.choices[0].message.content or "")
+    code, tags = get(live.base + "/api/tags", KEY)
+    names = [m["name"] for m in json.loads(tags)["models"]]
+    assert code == 200 and names[0] == "coe" and {SMOL, GEMMA} <= set(names)
+    status, shown = post(live, "/api/show", {"model": SMOL})
+    assert status == 200 and shown["details"]["family"] == "llama"
+    assert shown["model_info"]["llama.context_length"] == 512
+    assert json.loads(get(live.base + "/api/version", KEY)[1])["version"]
+    for path, body, code in [("/api/chat", {"model": "nope", "messages": q}, 404),
+                             ("/api/chat", {"model": SMOL, "messages": q, "format": "yaml"}, 400),
+                             ("/api/chat", {"model": SMOL}, 400),
+                             ("/api/generate", {"model": SMOL, "prompt": "hi", "options": {"temperature": -1}}, 400),
+                             ("/api/show", {"model": "nope"}, 404)]:
+        status, err = post(live, path, body)
+        assert status == code and set(err) == {"error"} and err["error"], (path, body, err)
+    assert post(live, "/api/chat", {"model": SMOL, "messages": q}, key="wrong")[0] == 401
+
+
 def test_a_chats_next_turn_reports_its_cached_prompt_tokens(live):
     c = live.client()
     msgs = [{"role": "system", "content": "Answer briefly. " * 20}, {"role": "user", "content": "Name a fruit."}]

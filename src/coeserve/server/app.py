@@ -100,7 +100,7 @@ class ServerState:
 
 def _guarded(path: str) -> bool:
     """Paths behind the API key, the readiness gate and the body limit."""
-    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+    return path.startswith(("/v1/", "/api/")) or path in ("/tokenize", "/detokenize")
 
 
 class BodyLimit:
@@ -124,7 +124,7 @@ class BodyLimit:
             size, more = size + len(chunks[-1]), msg.get("more_body", False)
             if size > self.state.max_body:
                 err = ApiError(413, f"request body over {self.state.max_body} bytes", code="request_too_large")
-                return await _error(err)(scope, receive, send)
+                return await _error(err, scope["path"])(scope, receive, send)
         replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replayed():
@@ -139,37 +139,36 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def gate(request: Request, call_next):
-        if _guarded(request.url.path):
+        path = request.url.path
+        if _guarded(path):
             if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
                 return _error(ApiError(401, "missing or wrong API key (Authorization: Bearer …)",
-                                       "authentication_error", "invalid_api_key"))
+                                       "authentication_error", "invalid_api_key"), path)
             if not state.ready or state.draining:
                 why = "shutting down" if state.draining else "starting"
-                return _error(ApiError(503, f"the server is {why}; retry shortly", "service_unavailable"))
+                return _error(ApiError(503, f"the server is {why}; retry shortly", "service_unavailable"), path)
             size = request.headers.get("content-length")
             if size and size.isdigit() and int(size) > state.max_body:
-                return _error(ApiError(413, f"request body over {state.max_body} bytes", code="request_too_large"))
+                return _error(ApiError(413, f"request body over {state.max_body} bytes", code="request_too_large"),
+                              path)
         return await call_next(request)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_, e: ApiError):
-        return _error(e)
+    async def _api_error(request: Request, e: ApiError):
+        return _error(e, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:])
-        return _error(ApiError(400, f"{where}: {first.get('msg', 'invalid request')}" if where else
-                               first.get("msg", "invalid request"), param=where or None))
+    async def _invalid(request: Request, e: RequestValidationError):
+        return _error(invalid(e.errors()), request.url.path)
 
     @app.exception_handler(Exception)
-    async def _bug(_, e: Exception):
-        return _error(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+    async def _bug(request: Request, e: Exception):
+        return _error(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"), request.url.path)
 
     @app.exception_handler(HTTPException)
-    async def _http(_, e: HTTPException):
+    async def _http(request: Request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error(ApiError(e.status_code, str(e.detail), kind))
+        return _error(ApiError(e.status_code, str(e.detail), kind), request.url.path)
 
     @app.get("/health")
     async def health():
@@ -231,12 +230,23 @@ def create_app(state: ServerState) -> FastAPI:
             prompts.append(Prompt(expert, route, ids))
         return await _run(state, request, body, prompts, (), chat=False)
 
-    from coeserve.server.tokens import add_routes
-    add_routes(app, state)
+    from coeserve.server import ollama, tokens
+    tokens.add_routes(app, state)
+    ollama.add_routes(app, state, chat, completions)
     return app
 
 
-def _error(e: ApiError) -> JSONResponse:
+def invalid(errors: list) -> ApiError:
+    """A 400 for a body that does not validate, naming the first field at fault."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ())[1:])
+    return ApiError(400, f"{where}: {first.get('msg', 'invalid request')}" if where else
+                    first.get("msg", "invalid request"), param=where or None)
+
+
+def _error(e: ApiError, path: str = "") -> JSONResponse:
+    if path.startswith("/api/"):  # Ollama's API (server/ollama.py) answers errors as {"error": message}
+        return JSONResponse({"error": str(e)}, status_code=e.status)
     return JSONResponse(error_body(str(e), e.kind, e.code, e.param), status_code=e.status)
 
 
