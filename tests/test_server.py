@@ -586,6 +586,18 @@ def test_disconnect_mid_stream_frees_its_slot(live):
     assert live.metric("coe_queue_depth") == 0
     assert live.metric("coe_requests_total", expert=SMOL, status="cancelled") == cancelled + 1
     assert live.metric("coe_kv_free_slots", expert=SMOL) == 4  # every KV slot of its engine is free again
+    # The same through Ollama's NDJSON stream.
+    req = urllib.request.Request(live.base + "/api/chat", method="POST", headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                                 data=json.dumps({"model": SMOL, "options": {"num_predict": 200}, "messages": [
+                                     {"role": "user", "content": "Count from one to one hundred in words."}]}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert not json.loads(r.readline())["done"]
+    end = time.time() + 30
+    while live.metric("coe_queue_depth") > 0 and time.time() < end:
+        time.sleep(0.1)
+    assert live.metric("coe_requests_total", expert=SMOL, status="cancelled") == cancelled + 2
+    assert live.metric("coe_kv_free_slots", expert=SMOL) == 4
 
 
 def test_metrics_exposes_the_families(live):

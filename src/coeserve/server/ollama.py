@@ -159,6 +159,13 @@ async def _answer(response, model: str, was_chat: bool, chat: bool, clock: _Cloc
         return JSONResponse({**out, **done, **clock.totals(body["usage"])}, headers=headers)
 
     async def lines():
+        try:
+            async for line in _lines():
+                yield line
+        finally:  # the client went away (or the stream ended): the OpenAI stream's own cleanup cancels its jobs
+            await response.body_iterator.aclose()
+
+    async def _lines():
         reason, calls = "stop", []
         async for event in response.body_iterator:
             data = event[len("data: "):].strip()
