@@ -391,10 +391,18 @@ def test_ollama_api(live, gemma):
     status, shown = post(live, "/api/show", {"model": SMOL})
     assert status == 200 and shown["details"]["family"] == "llama"
     assert shown["model_info"]["llama.context_length"] == 512
-    assert json.loads(get(live.base + "/api/version", KEY)[1])["version"]
+    assert json.loads(get(live.base + "/api/version", KEY)[1])["version"] and get(live.base + "/")[0] == 200
+    assert post(live, "/api/show", {"name": GEMMA})[1]["details"]["family"] == "gemma3"  # the older field
+    # Nothing to generate: Ollama's way to load a model. And a body sent as curl -d sends it (form-encoded).
+    assert post(live, "/api/chat", {"model": SMOL, "messages": []})[1]["done_reason"] == "load"
+    form = urllib.request.Request(live.base + "/api/generate", method="POST", headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"},
+        data=json.dumps({"model": SMOL, "prompt": "Say hi.", "stream": False, "options": {"num_predict": 4}}).encode())
+    with urllib.request.urlopen(form, timeout=60) as r:
+        assert json.loads(r.read())["done"]
     for path, body, code in [("/api/chat", {"model": "nope", "messages": q}, 404),
                              ("/api/chat", {"model": SMOL, "messages": q, "format": "yaml"}, 400),
-                             ("/api/chat", {"model": SMOL}, 400),
+                             ("/api/chat", {"messages": q}, 400),
                              ("/api/generate", {"model": SMOL, "prompt": "hi", "options": {"temperature": -1}}, 400),
                              ("/api/show", {"model": "nope"}, 404)]:
         status, err = post(live, path, body)

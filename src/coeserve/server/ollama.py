@@ -14,8 +14,8 @@ import time
 from datetime import datetime, timezone
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from coeserve import __version__
 from coeserve.server.app import VIRTUAL, ApiError, expert_named, invalid
@@ -48,7 +48,7 @@ class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: str = ""
+    content: str | None = ""
     tool_calls: list[OllamaCall] | None = None
 
 
@@ -62,16 +62,16 @@ class _Common(BaseModel):
 
 
 class OllamaChat(_Common):
-    messages: list[OllamaMessage] = Field(min_length=1)
+    messages: list[OllamaMessage] = Field(default_factory=list)  # none: load the model (done_reason "load")
     tools: list[Tool] | None = None
 
 
 class Show(BaseModel):
-    model: str = Field(min_length=1)
+    model: str = Field(default="", validation_alias=AliasChoices("model", "name"))
 
 
 class OllamaGenerate(_Common):
-    prompt: str = Field(min_length=1)
+    prompt: str = ""  # empty: load the model (done_reason "load")
     system: str | None = None
     raw: bool = False
 
@@ -97,7 +97,7 @@ def _sampling(body: _Common) -> dict:
 
 
 def _message(m: OllamaMessage) -> dict:
-    out = {"role": m.role, "content": m.content}
+    out = {"role": m.role, "content": m.content or ""}
     if m.tool_calls:
         out["tool_calls"] = [{"id": f"call_{k}", "type": "function", "function": {
             "name": c.function.get("name", ""), "arguments": json.dumps(c.function.get("arguments", {}))}}
@@ -109,6 +109,15 @@ def _message(m: OllamaMessage) -> dict:
 def _openai(cls, fields: dict):
     try:
         return cls.model_validate(fields)
+    except ValidationError as e:
+        raise invalid([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
+async def _body(cls, request: Request):
+    """The request's JSON body as `cls`, whatever its Content-Type (Ollama's own examples are `curl -d`,
+    which says form-encoded)."""
+    try:
+        return cls.model_validate_json(await request.body() or b"{}")
     except ValidationError as e:
         raise invalid([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
@@ -148,8 +157,10 @@ async def _answer(response, model: str, was_chat: bool, chat: bool, clock: _Cloc
     headers = {k: v for k, v in response.headers.items() if k.startswith("x-coe-")}
     if not isinstance(response, StreamingResponse):
         body = json.loads(response.body)
-        if "error" in body:
-            return JSONResponse({"error": body["error"]["message"]}, status_code=response.status_code)
+        if "error" in body:  # an OpenAI error body, or collect's note of a client that went away
+            err = body["error"]
+            return JSONResponse({"error": err["message"] if isinstance(err, dict) else str(err)},
+                                status_code=response.status_code)
         choice = body["choices"][0]
         text = (choice["message"]["content"] or "") if was_chat else choice["text"]
         out = {"model": model, "created_at": _now(), key: piece(text)}
@@ -166,7 +177,7 @@ async def _answer(response, model: str, was_chat: bool, chat: bool, clock: _Cloc
             await response.body_iterator.aclose()
 
     async def _lines():
-        reason, calls = "stop", []
+        reason = "stop"
         async for event in response.body_iterator:
             data = event[len("data: "):].strip()
             if data == "[DONE]":
@@ -177,15 +188,17 @@ async def _answer(response, model: str, was_chat: bool, chat: bool, clock: _Cloc
                 return
             if not chunk["choices"]:  # the usage chunk: the last
                 end = {"model": model, "created_at": _now(), key: piece(""), "done": True, "done_reason": reason}
-                if calls:
-                    end[key]["tool_calls"] = calls
                 yield json.dumps({**end, **clock.totals(chunk["usage"])}) + "\n"
                 continue
             c = chunk["choices"][0]
             if c.get("finish_reason"):
                 reason = "length" if c["finish_reason"] == "length" else "stop"
             delta = c.get("delta", {}) if was_chat else {"content": c.get("text", "")}
-            calls += _calls(delta.get("tool_calls") or [])
+            if delta.get("tool_calls"):  # as Ollama: on a line of their own, before the done line
+                clock.token()
+                calls = _calls(delta["tool_calls"])
+                yield json.dumps({"model": model, "created_at": _now(), key: {**piece(""), "tool_calls": calls},
+                                  "done": False}) + "\n"
             if delta.get("content"):
                 clock.token()
                 yield json.dumps({"model": model, "created_at": _now(), key: piece(delta["content"]),
@@ -196,8 +209,27 @@ async def _answer(response, model: str, was_chat: bool, chat: bool, clock: _Cloc
 def add_routes(app, state, chat, completions) -> None:
     """`chat`, `completions`: the OpenAI handlers (app.py) the translated requests go to."""
 
+    def loaded(model: str, chat: bool) -> JSONResponse:
+        """Ollama's answer to a request with nothing to generate: it loads the model. Here every expert is
+        served as it is; a known name is answered at once."""
+        if model != VIRTUAL:
+            expert_named(state, model)
+        key, empty = ("message", {"role": "assistant", "content": ""}) if chat else ("response", "")
+        return JSONResponse({"model": model, "created_at": _now(), key: empty, "done": True, "done_reason": "load"})
+
+    @app.get("/")
+    async def running():
+        return PlainTextResponse("coeserve is running")  # Ollama's client checks / answers before anything
+
+    @app.head("/")
+    async def running_head():
+        return PlainTextResponse("")
+
     @app.post("/api/chat")
-    async def api_chat(body: OllamaChat, request: Request):
+    async def api_chat(request: Request):
+        body = await _body(OllamaChat, request)
+        if not body.messages:
+            return loaded(body.model, True)
         clock = _Clock()
         fields = {"model": body.model, "messages": [_message(m) for m in body.messages], "stream": body.stream,
                   "stream_options": {"include_usage": True} if body.stream else None, **_sampling(body)}
@@ -207,7 +239,10 @@ def add_routes(app, state, chat, completions) -> None:
         return await _answer(response, body.model, True, True, clock)
 
     @app.post("/api/generate")
-    async def api_generate(body: OllamaGenerate, request: Request):
+    async def api_generate(request: Request):
+        body = await _body(OllamaGenerate, request)
+        if not body.prompt:
+            return loaded(body.model, False)
         clock = _Clock()
         fields = {"model": body.model, "stream": body.stream,
                   "stream_options": {"include_usage": True} if body.stream else None, **_sampling(body)}
@@ -234,12 +269,14 @@ def add_routes(app, state, chat, completions) -> None:
         return {"models": [card(n) for n in [VIRTUAL, *state.experts]]}
 
     @app.post("/api/show")
-    async def api_show(body: Show):
+    async def api_show(request: Request):
+        body = await _body(Show, request)
         name = body.model if body.model == VIRTUAL else expert_named(state, body.model)
         out = card(name)
+        family = out["details"]["family"]
+        out["model_info"] = {"general.architecture": family}
         if name != VIRTUAL:
-            out["model_info"] = {"general.architecture": out["details"]["family"],
-                                 f"{out['details']['family']}.context_length": state.context(name)}
+            out["model_info"][f"{family}.context_length"] = state.context(name)
         out["capabilities"] = ["completion", "tools"]
         return out
 
