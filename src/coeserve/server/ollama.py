@@ -76,6 +76,12 @@ class OllamaGenerate(_Common):
     raw: bool = False
 
 
+def _fields(body: _Common) -> dict:
+    """The OpenAI request fields that /api/chat and /api/generate share: model, stream, sampling, format."""
+    return {"model": body.model, "stream": body.stream,
+            "stream_options": {"include_usage": True} if body.stream else None, **_sampling(body)}
+
+
 def _sampling(body: _Common) -> dict:
     """The OpenAI request fields of Ollama's options and format."""
     o = body.options or Options()
@@ -230,9 +236,7 @@ def add_routes(app, state, chat, completions) -> None:
         body = await _body(OllamaChat, request)
         if not body.messages:
             return loaded(body.model, True)
-        clock = _Clock()
-        fields = {"model": body.model, "messages": [_message(m) for m in body.messages], "stream": body.stream,
-                  "stream_options": {"include_usage": True} if body.stream else None, **_sampling(body)}
+        clock, fields = _Clock(), {**_fields(body), "messages": [_message(m) for m in body.messages]}
         if body.tools:
             fields["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
         response = await chat(_openai(ChatRequest, fields), request)
@@ -243,9 +247,7 @@ def add_routes(app, state, chat, completions) -> None:
         body = await _body(OllamaGenerate, request)
         if not body.prompt:
             return loaded(body.model, False)
-        clock = _Clock()
-        fields = {"model": body.model, "stream": body.stream,
-                  "stream_options": {"include_usage": True} if body.stream else None, **_sampling(body)}
+        clock, fields = _Clock(), _fields(body)
         if body.raw:
             response = await completions(_openai(CompletionRequest, {**fields, "prompt": body.prompt}), request)
         else:
