@@ -18,6 +18,7 @@ import torch
 
 from coeserve.engine.sequence import GRAMMARS
 
+
 class GrammarError(ValueError):
     """The constraint does not compile (a bad schema, regex or grammar); the message says why."""
 
