@@ -15,6 +15,7 @@ Policies (names are the CLI's `--schedule` choices):
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,8 @@ from typing import Callable
 from coeserve.config import EngineConfig
 from coeserve.engine.engine import Engine
 from coeserve.engine.sequence import SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
@@ -280,6 +283,9 @@ class Scheduler:
             req.on_event("done", req.seq)
 
     def _fail_expert(self, name: str, err: Exception) -> None:
+        # Its requests get the error; the log keeps where it came from (a failure inside torch reads
+        # as a bare AssertionError to a client).
+        log.error("expert %s failed: %r", name, err, exc_info=err)
         for req in list(self.queues.pop(name, ())) + self.active.pop(name, []):
             with self._lock:
                 self._pending -= 1

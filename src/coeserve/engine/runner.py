@@ -8,6 +8,9 @@ attended length is rounded up to a multiple of LEN_BUCKET, so a few CUDA graphs,
 serve every step. On CPU the compiled step keeps dynamic shapes, which measured faster (docs/engine.md)."""
 from __future__ import annotations
 
+import threading
+from collections import defaultdict
+
 import torch
 
 from coeserve import kernels
@@ -143,6 +146,8 @@ class Runner:
         step = self.model if self.model.layer_ready is not None else self._decode
         if step is self.model and KVCache.span_of(slots) is None:
             return self.packed(seqs, [])  # gaps in the slots: attend over their range (_single_token_group)
+        if step is not self.model and self.device.type == "cuda":
+            share_graph_trees()
         if self.static and step is not self.model:
             return self._static_decode(step, seqs, read_len)
         self.kv.set_step(slots, read_len, views=not self.static)
@@ -197,3 +202,32 @@ class Runner:
         src = [m[2] for m in members]
         return Group(torch.tensor(slots, device=dev), torch.tensor([[m[1]] for m in members], device=dev),
                      length, KVCache.span_of(slots), self._src(src)), src
+
+
+_trees_lock, _trees, _thread = threading.Lock(), {}, threading.local()
+
+
+def share_graph_trees() -> None:
+    """Let this thread run compiled CUDA steps. torch.compile's CUDA graph trees keep their managers in
+    thread-local state, which torch before 2.13 set up only on the thread that imported them (and on
+    autograd's), failing an assert on any other (pytorch#123177): a server compiles on its start-up thread
+    and steps on the scheduler's. Every thread here shares one set, that of the first thread to ask (its
+    own, or new): graphs recorded in warm-up serve the loop, from one memory pool. Compiled steps never
+    run on two threads at once (the scheduler's loop is the only stepper once it runs)."""
+    if getattr(_thread, "shared", False):
+        return
+    from torch._inductor import cudagraph_trees as trees
+
+    if not hasattr(trees, "local"):  # a torch that keeps them elsewhere
+        _thread.shared = True
+        return
+    keys = ("tree_manager_containers", "tree_manager_locks")
+    with _trees_lock:
+        if not _trees:
+            if all(hasattr(trees.local, k) for k in keys):
+                _trees.update({k: getattr(trees.local, k) for k in keys})
+            else:
+                _trees.update({keys[0]: {}, keys[1]: defaultdict(threading.Lock)})
+        for k in keys:
+            setattr(trees.local, k, _trees[k])
+    _thread.shared = True
