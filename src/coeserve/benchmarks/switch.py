@@ -166,10 +166,13 @@ def first_token(st: ExpertStore, name: str, prompt: list[int], streamed: bool) -
     return time.perf_counter() - t0
 
 
-def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: int, tmp: Path) -> dict:
+def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: int, tmp: Path,
+            loaders: bool = True) -> dict:
+    """Every case's median seconds, each printed as it is measured (a run cut short keeps them)."""
     dtype = dtype_name(st.dtype)
     path, nbytes = disk.image_dir(name, dtype) / IMAGE_FILE, disk.image_bytes(name, dtype)
     r = dict(zip(("a_raw_copy_s", "b_switch_s"), copy_and_switch(st, name, nbytes, reps)))
+    progress(r, nbytes)
 
     def cold():
         st.evict(name, "device")
@@ -177,7 +180,7 @@ def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: 
         drop_cache(path)
     # The cold loads take turns, so a disk whose speed drifts (a shared virtual disk does) is seen the
     # same by each.
-    hf = hf_dir(disk, name, dtype, tmp / "hf")
+    hf = hf_dir(disk, name, dtype, tmp / "hf") if loaders else None
     runs = {"c_cold_load_s": lambda: timed(lambda: st.load(name).wait(), 1, cold),
             "g_raw_read_s": lambda: raw_read(path, scratch(st, nbytes), 1)}
     if hf is not None:
@@ -189,6 +192,7 @@ def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: 
         for k, seconds in runs.items():
             times[k].append(seconds())
     r.update({k: statistics.median(v) for k, v in times.items()})
+    progress({k: r[k] for k in times}, nbytes)
     prompt = [1 + (i * 7919) % (min(1000, disk.config(name).vocab_size) - 1) for i in range(prompt_len)]
     st.load(name).wait()
     first_token(st, name, prompt, True)  # warm the kernels
@@ -201,7 +205,13 @@ def measure(st: ExpertStore, disk: DiskStore, name: str, reps: int, prompt_len: 
             whole.append(first_token(st, name, prompt, False))
         r[f"f_ttft_{label}streamed_s"] = statistics.median(streamed)
         r[f"f_ttft_{label}copy_then_run_s"] = statistics.median(whole)
+        progress({k: r[k] for k in (f"f_ttft_{label}streamed_s", f"f_ttft_{label}copy_then_run_s")}, nbytes)
     return r
+
+
+def progress(values: dict, nbytes: int) -> None:
+    for k, v in values.items():
+        print(f"  {k:32s} {v * 1e3:10.1f} ms  {nbytes / v / 1e9:7.2f} GB/s", flush=True)
 
 
 def setup_expert(args, dtype: str, scratch: Path) -> tuple[DiskStore, str]:
@@ -229,6 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--skip-loaders", action="store_true",
+                    help="leave out (d) and (e), which write and read a second copy (for a short GPU lease)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="coe-bench-switch-", dir=os.environ.get("COE_BENCH_TMP")) as tmp:
@@ -238,7 +250,8 @@ def main(argv=None) -> int:
         cfg = StoreConfig(host_bytes=2 * nbytes, device_slots=1, slot_bytes=nbytes)
         st = ExpertStore(disk, cfg, device=args.device, dtype=dtype, max_len=args.prompt_len + 8)
         try:
-            r = measure(st, disk, name, args.reps, args.prompt_len, Path(tmp))
+            print(f"{name}: {nbytes / 2**20:.0f} MiB on {device_name(st.device)}", flush=True)
+            r = measure(st, disk, name, args.reps, args.prompt_len, Path(tmp), loaders=not args.skip_loaders)
         finally:
             st.close()
     result = {"bench": "switch", "expert": name, "bytes": nbytes, "device": device_name(st.device),
