@@ -17,6 +17,8 @@
 #   engine     bench/engine.py at batches 1, 4, 8, 16 (each batch size is compiled and captured anew);
 #              its JSON is written after each batch size, so a step cut short keeps the sizes it measured
 #   switch-all bench/switch.py with transformers' and safetensors' loads too (a second 13.5 GB copy)
+#   engine-b1-tuned  engine-b1 with inductor's coordinate-descent tuning of its generated kernels (the
+#              setting gpt-fast uses; longer compiles), against engine-b1's 64-67 % of the roofline
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
@@ -64,6 +66,8 @@ for s in "${steps[@]}"; do
         switch) step switch 150 $py bench/switch.py --synthetic-shape 7b --reps 2 --skip-loaders --out "$out/switch-$tag.json" ;;
         engine) step engine 300 $py bench/engine.py --synthetic 7b --fused --batches 1,4,8,16 --out "$out/engine-$tag.json" ;;
         switch-all) step switch-all 400 $py bench/switch.py --synthetic-shape 7b --reps 1 --out "$out/switch-all-$tag.json" ;;
-        *) echo "gpu.sh: unknown step $s (engine-b1, tests, switch, engine, switch-all)"; exit 2 ;;
+        engine-b1-tuned) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 step engine-b1-tuned 300 $py bench/engine.py \
+            --synthetic 7b --fused --batches 1 --out "$out/engine-$tag-b1-tuned.json" ;;
+        *) echo "gpu.sh: unknown step $s (engine-b1, tests, switch, engine, switch-all, engine-b1-tuned)"; exit 2 ;;
     esac
 done
