@@ -5,11 +5,11 @@
 #
 #   bash bench/gpu.sh [OUTDIR] [STEP ...]     # OUTDIR: default bench/results
 #
-# Steps, most important first; the default is the first four, which took 76, 50, 92 and 150 s on an
-# H200 (bench/results/*-h200.*). Each has its own time limit and writes its log and JSON into OUTDIR as
-# it ends, so a short lease still brings back the first ones. All end within GPU_BUDGET seconds of the
-# start (default 570, under one 600 s device call): a step's limit is cut to the time left, and a step
-# with under a minute left is skipped.
+# Steps, most important first; the default is the first four, which took 76, 50, 92 (the switch at one
+# repetition) and 150 s on an H200 (bench/results/*-h200.*). Each has its own time limit and writes its
+# log and JSON into OUTDIR as it ends, so a short lease still brings back the first ones. All end within
+# GPU_BUDGET seconds of the start (default 570, under one 600 s device call): a step's limit is cut to
+# the time left, and a step with under a minute left is skipped.
 #   engine-b1  bench/engine.py at batch 1 on a 7B-shaped random Llama in bf16, fused and unfused
 #              (issue 2's targets: fused >= 70% of the HBM roofline, fused >= 2x unfused)
 #   tests      tests/test_gpu.py
