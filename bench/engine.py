@@ -12,14 +12,13 @@ machine's noise otherwise swings the ratio by a third). Prints a table, then one
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from coeserve.benchmarks.common import copy_bandwidth, device_name, sync, write_result
+from coeserve.benchmarks.common import copy_bandwidth, device_name, save_json, sync, write_result
 from coeserve.config import EngineConfig, default_home
 from coeserve.engine.engine import Engine, Expert
 from coeserve.engine.load import bind_image, load_expert, pick_device, pick_dtype
@@ -59,8 +58,9 @@ def decode_rate(engine: Engine, batch: int, prompt: list[int], tokens: int, runs
 
 
 def prefill_rate(engine: Engine, prompt: list[int], runs: int = 2) -> float:
-    """The best of `runs` prefills: the first meets the prompt's shapes first (on an H200 a first
-    512-token prefill took over a second, kernels loaded and tuned, against 70 ms after)."""
+    """The best of `runs` prefills. One timed prefill each, two H200 runs gave 1.2 s and 67 ms for the
+    same 512 tokens (bench/results/engine-h200*.json); the first prefill of a run may meet its shapes
+    first (kernels loaded, tuned)."""
     best = 0.0
     for _ in range(runs):
         seq = engine.add(engine.make_sequence(prompt, SamplingParams(max_tokens=1, temperature=0)))
@@ -195,9 +195,7 @@ def main(argv=None) -> int:
 def checkpoint(result: dict, out: str | None) -> None:
     """What is measured so far, marked partial, in the --out file: a run cut short (a GPU lease's time
     limit; each batch size compiles anew) keeps it. The run's end overwrites it with the whole result."""
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({**result, "partial": True}, indent=1) + "\n")
+    save_json({**result, "partial": True}, out)
 
 
 def print_table(rows, result) -> None:

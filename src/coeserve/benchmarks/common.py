@@ -59,6 +59,10 @@ def device_name(dev: torch.device) -> str:
 def write_result(result: dict, out: str | Path | None) -> None:
     """A benchmark's ending: its result as one JSON line on stdout and, with `--out`, as a JSON file."""
     print(json.dumps(result))
+    save_json(result, out)
+
+
+def save_json(result: dict, out: str | Path | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
