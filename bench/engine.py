@@ -7,7 +7,9 @@
 The ceiling is bytes read per decode step (weights + the KV cache it attends to) divided by the memory
 bandwidth of a large device copy measured in this run, counted as STREAM does (bytes read + bytes
 written per second). Each decode rate, ours and transformers', is the best of three runs (a shared
-machine's noise otherwise swings the ratio by a third). Prints a table, then one JSON line.
+machine's noise otherwise swings the ratio by a third). Where the engine queues several greedy passes
+per step (EngineConfig.decode_ahead: CUDA), batch 1 is measured again with one pass a step, as
+`decode_*_b1_one_pass_tok_s`. Prints a table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -131,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--decode-ahead", type=int, help="greedy passes per step (default: the engine's, 8 on CUDA, else 1)")
     ap.add_argument("--out", help="write the JSON result here too")
     args = ap.parse_args(argv)
 
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
         mode = "fused" if fused else "unfused"
         # No prefix cache: every run here prefills the same prompt, and prefill is what it measures.
         engine = Engine(expert, EngineConfig(max_batch=max(batches), max_seq_len=2048, fused=fused,
-                                             prefill_chunk=args.prefill_len, prefix_cache=False))
+                                             prefill_chunk=args.prefill_len, prefix_cache=False,
+                                             decode_ahead=args.decode_ahead))
         for b in batches:
             rate = decode_rate(engine, b, prompt, args.tokens)
             ceiling = bw / step_bytes(expert, b, args.prompt_len + args.tokens // 2) * b
@@ -165,6 +169,10 @@ def main(argv=None) -> int:
             checkpoint(result, args.out)
         if 1 in batches:
             result[f"forward_only_{mode}_b1_tok_s"] = forward_rate(engine, prompt, args.tokens)
+            if engine.decode_ahead > 1:  # the same steps with one pass each, a token read back after each
+                result["decode_ahead"], engine.decode_ahead = engine.decode_ahead, 1
+                result[f"decode_{mode}_b1_one_pass_tok_s"] = decode_rate(engine, 1, prompt, args.tokens)
+                engine.decode_ahead = result["decode_ahead"]
         result[f"prefill_{mode}_tok_s"] = prefill_rate(engine, long_prompt)
     if not args.synthetic and not args.no_transformers:
         from coeserve import catalog
@@ -185,6 +193,8 @@ def main(argv=None) -> int:
             ceiling = result["ceiling_b1_tok_s"]
             result[f"roofline_b1_{mode}"] = b1 / ceiling
             result[f"roofline_b1_forward_only_{mode}"] = result[f"forward_only_{mode}_b1_tok_s"] / ceiling
+            if f"decode_{mode}_b1_one_pass_tok_s" in result:
+                result[f"roofline_b1_one_pass_{mode}"] = result[f"decode_{mode}_b1_one_pass_tok_s"] / ceiling
     if "decode_fused_b1_tok_s" in result:
         result["ratio_fused_vs_unfused_b1"] = result["decode_fused_b1_tok_s"] / result["decode_unfused_b1_tok_s"]
     print_table(rows, result)
@@ -202,8 +212,8 @@ def print_table(rows, result) -> None:
     print(f"{'engine':24s} {'batch':>5s} {'tok/s':>9s} {'ceiling':>9s} {'of ceiling':>10s}")
     for name, b, rate, ceil in rows:
         print(f"{name:24s} {b:5d} {rate:9.1f} {ceil:9.1f} {rate / ceil:9.0%}")
-    for k in ("forward_only_unfused_b1_tok_s", "forward_only_fused_b1_tok_s", "prefill_unfused_tok_s",
-              "prefill_fused_tok_s"):
+    for k in ("forward_only_unfused_b1_tok_s", "forward_only_fused_b1_tok_s", "decode_unfused_b1_one_pass_tok_s",
+              "decode_fused_b1_one_pass_tok_s", "prefill_unfused_tok_s", "prefill_fused_tok_s"):
         if k in result:
             print(f"{k}: {result[k]:.0f}")
     for k, v in result.items():

@@ -623,3 +623,57 @@ def test_a_batch_with_gaps_in_its_slots_decodes_as_each_alone(which, request):
         gaps += gapped()
     assert joined_gapped == 1 and gaps >= 10
     assert [s.output_ids for s in seqs] == alone
+
+
+def test_greedy_passes_queued_ahead_give_the_tokens_of_one_pass_a_step():
+    """With decode_ahead (CUDA's default is 8), a batch that decodes greedily runs several passes per
+    step, each fed the argmax of the last on the device. Unfused, compiled with dynamic shapes (CPU's)
+    and with static shapes (CUDA's, over slots with gaps too), every sequence gets the tokens of one
+    pass a step: through a stop token met inside a run of passes, max_tokens that are no multiple of
+    it, sequences ending at different steps, and a prompt that joins between runs. A batch with a
+    sampled sequence in it takes one pass a step."""
+    from torch._dynamo.utils import counters
+
+    from coeserve.engine.engine import Expert
+    from coeserve.engine.load import bind_image
+    from coeserve.formats.synthetic import random_image, synthetic_config
+    from coeserve.models import build_model
+
+    cfg = synthetic_config("tiny")
+    index, buf = random_image(cfg, seed=5)
+    model = build_model(cfg, max_len=256)
+    bind_image(model, buf, index, torch.float32)
+    expert = Expert("tiny", cfg, model, None, torch.device("cpu"), torch.float32)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [20, 21], [30, 31, 32], [40, 41, 42]]
+    budgets = [3, 13, 7, 22, 9]
+
+    def run(params, **kw) -> tuple[list[list[int]], int]:
+        eng = Engine(expert, EngineConfig(max_batch=4, max_seq_len=256, **kw))
+        seqs = [eng.add(eng.make_sequence(p, q)) for p, q in zip(prompts[:4], params)]
+        steps = 0
+        while eng.has_work:
+            if len(seqs) == 4 and seqs[0].finished:  # takes slot 0 while slot 2 may still be running
+                seqs.append(eng.add(eng.make_sequence(prompts[4], params[4])))
+            eng.step()
+            steps += 1
+        return [s.output_ids for s in seqs], steps
+
+    greedy = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in budgets]
+    reference, one_pass = run(greedy, decode_ahead=1)
+    assert [len(o) for o in reference] == budgets and one_pass >= 22
+    stop = reference[3][9]  # its first occurrence ends sequence 3 inside a run of passes
+    stopping = [*greedy[:3], SamplingParams(max_tokens=22, temperature=0, stop_token_ids=(stop,)), greedy[4]]
+    stopped = [*reference[:3], reference[3][:reference[3].index(stop)], reference[4]]
+    assert len(stopped[3]) < 10
+    # Graphs each compiles, as in one pass a step: none (eager); batch 1 and the rest; one batch bucket.
+    for kw, graphs in ((dict(), 0), (dict(fused=True), 2), (dict(fused=True, static_shapes=True), 1)):
+        counters.clear()
+        out, steps = run(greedy, decode_ahead=4, **kw)
+        # Unfused and dynamic steps run ahead only while the batch's slots form a range.
+        assert out == reference and steps <= (one_pass / 2 if kw.get("static_shapes") else one_pass - 4), kw
+        assert counters["stats"]["unique_graphs"] <= graphs and not counters["graph_break"], kw
+        assert run(stopping, decode_ahead=4, **kw)[0] == stopped, kw
+    sampled = [*greedy[:3], SamplingParams(max_tokens=22, temperature=0.8, seed=3), greedy[4]]
+    mixed, steps = run(sampled, decode_ahead=4)  # the sampled one runs longest: one pass a step throughout
+    assert mixed[:3] + mixed[4:] == reference[:3] + reference[4:] and steps == one_pass
+    assert mixed[3] == run(sampled, decode_ahead=1)[0][3]

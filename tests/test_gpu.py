@@ -1,6 +1,6 @@
 """CUDA paths: bf16 on the device agrees with fp32 on the CPU, fused decode (torch.compile + CUDA
-graphs, static shapes) agrees with unfused, the store switches exactly, and so does fused serving. Skipped
-without CUDA.
+graphs, static shapes) agrees with unfused, greedy passes queued ahead give the tokens of one pass a
+step, the store switches exactly, and so does fused serving. Skipped without CUDA.
 
 The synthetic tests need nothing but torch: they run on a GPU machine where only the repository is at
 hand (`bench/gpu.sh`). Random weights leave near-ties between the top logits, so they compare logits
@@ -73,6 +73,26 @@ def test_fused_matches_unfused_on_cuda_synthetic(s1b, forced):
     expert = s1b("cuda", "bf16")
     unfused, fused = forced_logits(expert), forced_logits(expert, fused=True)
     assert (fused - unfused).abs().max() <= bound and (fused - unfused).abs().mean() <= mean_bound
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_greedy_passes_queued_ahead_on_cuda_give_the_tokens_of_one_pass_a_step(s1b, fused):
+    """CUDA's default, 8 greedy passes a step each fed the last one's argmax on the device (through the
+    CUDA graphs when fused), against one pass a step and a token read back after each: the same tokens,
+    which here come from the same logits."""
+    expert, budgets = s1b("cuda", "bf16"), (5, 12, 19)
+    runs = []
+    for ahead in (1, None):
+        eng = Engine(expert, EngineConfig(max_batch=4, max_seq_len=128, fused=fused, decode_ahead=ahead))
+        seqs = [eng.add(eng.make_sequence(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)))
+                for p, m in zip(PROMPTS, budgets)]
+        steps = 0
+        while eng.has_work:
+            eng.step()
+            steps += 1
+        runs.append(([s.output_ids for s in seqs], steps))
+    assert eng.decode_ahead == 8 and runs[1][0] == runs[0][0] and [len(o) for o in runs[1][0]] == list(budgets)
+    assert runs[1][1] < runs[0][1] / 2
 
 
 @pytest.fixture(scope="module")

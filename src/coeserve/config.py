@@ -93,10 +93,13 @@ class EngineConfig:
     batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64))
     static_shapes: bool | None = None  # fused steps padded to fixed shapes; None = on CUDA only
     prefix_cache: bool = True  # a prompt reuses a free KV slot that holds its first tokens (kv_cache.py)
+    decode_ahead: int | None = None  # greedy decode passes queued per step (Engine._ahead); None: 8 on CUDA, else 1
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_seq_len < 2 or self.prefill_chunk < 1:
             raise ValueError("engine config: max_batch, max_seq_len and prefill_chunk must be positive")
+        if self.decode_ahead is not None and self.decode_ahead < 1:
+            raise ValueError("engine config: decode_ahead must be at least 1")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"engine config: unknown dtype {self.dtype!r}")
 

@@ -158,6 +158,48 @@ class Runner:
                       torch.tensor(slots, device=self.device), self.kv)
         return logits[: len(seqs)]
 
+    def can_decode_ahead(self, seqs: list[Sequence]) -> bool:
+        """Whether `decode_greedy` can step these sequences: their weights are all in (no layer
+        streaming) and the step needs no packed pass (static shapes, or slots that form a range)."""
+        return self.model.layer_ready is None and (self.static or KVCache.span_of([s.slot for s in seqs]) is not None)
+
+    @torch.inference_mode()
+    def decode_greedy(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
+        """`steps` decode passes in a row for sequences that all take the most likely token: each pass's
+        input is the argmax of the last one's logits, taken on the device, so the host queues every pass
+        before it waits for any. On CUDA the device then runs them back to back instead of sitting idle
+        while the host reads each token, samples and prepares the next step. The caller keeps every
+        sequence within its limits for `steps` tokens (can_decode_ahead first). Tokens [steps][seqs]."""
+        dev, step = self.device, self._decode
+        if self.fused and dev.type == "cuda":
+            share_graph_trees()
+        slots = [s.slot for s in seqs]
+        if self.static:  # row i is slot i; the rows of free slots are padding, as in _static_decode
+            bucket = next(b for b in self.buckets if b > max(slots))
+            tokens, positions = [0] * bucket, [self.kv.max_len - 1] * bucket
+            for s in seqs:
+                tokens[s.slot], positions[s.slot] = s.last_token, s.length - 1
+            rows, step_slots = list(range(bucket)), torch.arange(bucket, device=dev)
+            live = torch.zeros(bucket, 1, dtype=torch.long, device=dev)
+            live[slots] = 1  # padding rows stay at their position
+        else:
+            tokens, positions = [s.last_token for s in seqs], [s.length - 1 for s in seqs]
+            rows, step_slots, live = slots, torch.tensor(slots, device=dev), 1
+        t, pos = torch.tensor(tokens, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None]
+        longest, out = max(s.length for s in seqs), []
+        for k in range(steps):
+            read_len = longest + k
+            if self.static:
+                read_len = min(-(-read_len // LEN_BUCKET) * LEN_BUCKET, self.kv.max_len)
+            self.kv.set_step(rows, read_len, views=not self.static)
+            nxt = step(t, pos, step_slots, self.kv).argmax(dim=-1)
+            out.append(nxt)
+            t, pos = nxt[:, None], pos + live
+        picked = torch.stack(out)
+        if self.static:
+            picked = picked.index_select(1, torch.tensor(slots, device=dev))
+        return picked.tolist()
+
     def _static_decode(self, step, seqs: list[Sequence], read_len: int) -> torch.Tensor:
         """The compiled step at a static shape: row i is slot i for the first `bucket` slots, so every
         layer reads its keys as a view of the cache (a gather of every row's keys would move about 2 GB a
