@@ -205,8 +205,8 @@ def create_app(state: ServerState) -> FastAPI:
         codec = await run_in_threadpool(state.codec, expert)
         how = body.tool_mode()
         msgs, specs = toolkit.prompt(msgs, body.tools if how else [], codec.takes_tools)
-        try:
-            ids, stop = codec.chat_prompt(msgs, tools=specs)
+        try:  # a template over a long chat takes a while: not on the event loop, which streams to everyone
+            ids, stop = await run_in_threadpool(codec.chat_prompt, msgs, tools=specs)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         tools = (body.tools, how, body.parallel_tool_calls) if how else None
@@ -221,7 +221,7 @@ def create_app(state: ServerState) -> FastAPI:
         for text, (expert, route) in zip(body.prompt, await _resolve(state, body.model, body.prompt)):
             if isinstance(text, str):
                 codec = await run_in_threadpool(state.codec, expert)
-                ids = codec.encode(text)
+                ids = await run_in_threadpool(codec.encode, text)
             else:  # token ids: a named expert's (checked above), its vocabulary read once
                 ids, vocab = text, state.vocab(expert)
                 if max(ids) >= vocab:
