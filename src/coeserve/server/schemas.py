@@ -290,10 +290,14 @@ def chat_body(rid: str, model: str, choices: list[dict], use: dict) -> dict:
 
 def chat_chunk(rid: str, model: str, delta: dict | None, finish: str | None = None, use: dict | None = None,
                logprobs: dict | None = None, index: int = 0) -> dict:
-    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish}]
-    body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": choices}
+    choice = None if delta is None else {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return _chunk(rid, model, "chat.completion.chunk", choice, use)
+
+
+def _chunk(rid: str, model: str, kind: str, choice: dict | None, use: dict | None) -> dict:
+    """A stream chunk: one choice's news, or none (the usage chunk)."""
+    body = {"id": rid, "object": kind, "created": int(time.time()), "model": model,
+            "choices": [] if choice is None else [choice]}
     if use is not None:
         body["usage"] = use
     return body
@@ -310,11 +314,8 @@ def completion_body(rid: str, model: str, choices: list[dict], use: dict) -> dic
 
 def completion_chunk(rid: str, model: str, text: str | None, finish: str | None = None,
                      use: dict | None = None, logprobs: dict | None = None, index: int = 0) -> dict:
-    choices = [] if text is None else [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
-    body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
-    if use is not None:
-        body["usage"] = use
-    return body
+    choice = None if text is None else completion_choice(index, text, finish, logprobs)
+    return _chunk(rid, model, "text_completion", choice, use)
 
 
 def _finite(lp: float) -> float:
