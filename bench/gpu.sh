@@ -5,26 +5,28 @@
 #
 #   bash bench/gpu.sh [OUTDIR] [STEP ...]     # OUTDIR: default bench/results
 #
-# Steps, most important first; the default is the first four, which took 76, 50, 92 (the switch at one
-# repetition) and 150 s on an H200 (bench/results/*-h200.*). Each has its own time limit and writes its
-# log and JSON into OUTDIR as it ends, so a short lease still brings back the first ones. All end within
-# GPU_BUDGET seconds of the start (default 570, under one 600 s device call): a step's limit is cut to
-# the time left, and a step with under a minute left is skipped.
-#   engine-b1  bench/engine.py at batch 1 on a 7B-shaped random Llama in bf16, fused and unfused
-#              (issue 2's targets: fused >= 70% of the HBM roofline, fused >= 2x unfused)
+# Steps, most important first; the default is the first four. On an H200 engine-b1, tests and engine
+# took 76, 50 and 150 s (bench/results/*-h200.*; engine-b1-tuned has not run yet). Each has its own time
+# limit and writes its log and JSON into OUTDIR as it ends, so a short lease still brings back the first
+# ones. All end within GPU_BUDGET seconds of the start (default 570, under one 600 s device call): a
+# step's limit is cut to the time left, and a step with under a minute left is skipped.
+#   engine-b1  bench/engine.py at batch 1 on a 7B-shaped random Llama in bf16, fused and unfused, with
+#              the engine's 8 greedy passes a step and with one (issue 2's targets: fused >= 70% of the
+#              HBM roofline, fused >= 2x unfused)
 #   tests      tests/test_gpu.py
-#   switch     bench/switch.py on the 7B shape without the two loaders' baselines (issue 3's (b))
-#   engine     bench/engine.py at batches 1, 4, 8, 16 (each batch size is compiled and captured anew);
-#              its JSON is written after each batch size, so a step cut short keeps the sizes it measured
-#   switch-all bench/switch.py with transformers' and safetensors' loads too (a second 13.5 GB copy)
 #   engine-b1-tuned  engine-b1 with inductor's coordinate-descent tuning of its generated kernels (the
 #              setting gpt-fast uses; longer compiles), against engine-b1's 64-67 % of the roofline
+#   engine     bench/engine.py at batches 1, 4, 8, 16 (each batch size is compiled and captured anew);
+#              its JSON is written after each batch size, so a step cut short keeps the sizes it measured
+#   switch     bench/switch.py on the 7B shape without the two loaders' baselines (issue 3's (b); 92 s
+#              at one repetition, measured and met on the H200)
+#   switch-all bench/switch.py with transformers' and safetensors' loads too (a second 13.5 GB copy)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
 shift || true
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(engine-b1 tests switch engine)
+[ ${#steps[@]} -gt 0 ] || steps=(engine-b1 tests engine-b1-tuned engine)
 GPU_BUDGET=${GPU_BUDGET:-570}
 py=${PYTHON:-python3}
 mkdir -p "$out"
