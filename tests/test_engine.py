@@ -631,7 +631,7 @@ def test_greedy_passes_queued_ahead_give_the_tokens_of_one_pass_a_step():
     and with static shapes (CUDA's, over slots with gaps too), every sequence gets the tokens of one
     pass a step: through a stop token met inside a run of passes, max_tokens that are no multiple of
     it, sequences ending at different steps, and a prompt that joins between runs. A batch with a
-    sampled sequence in it takes one pass a step."""
+    sampled sequence in it takes one pass a step, through the same compiled graphs."""
     from torch._dynamo.utils import counters
 
     from coeserve.engine.engine import Expert
@@ -673,7 +673,12 @@ def test_greedy_passes_queued_ahead_give_the_tokens_of_one_pass_a_step():
         assert out == reference and steps <= (one_pass / 2 if kw.get("static_shapes") else one_pass - 4), kw
         assert counters["stats"]["unique_graphs"] <= graphs and not counters["graph_break"], kw
         assert run(stopping, decode_ahead=4, **kw)[0] == stopped, kw
-    sampled = [*greedy[:3], SamplingParams(max_tokens=22, temperature=0.8, seed=3), greedy[4]]
-    mixed, steps = run(sampled, decode_ahead=4)  # the sampled one runs longest: one pass a step throughout
-    assert mixed[:3] + mixed[4:] == reference[:3] + reference[4:] and steps == one_pass
-    assert mixed[3] == run(sampled, decode_ahead=1)[0][3]
+    # A sampled sequence holds the batch to one pass a step until it ends; then the rest run ahead,
+    # through the graphs the single passes used.
+    sampled = [greedy[0], SamplingParams(max_tokens=13, temperature=0.8, seed=3), *greedy[2:]]
+    alone = run(sampled, decode_ahead=1)[0][1]
+    for kw, graphs in ((dict(), 0), (dict(fused=True), 2), (dict(fused=True, static_shapes=True), 1)):
+        counters.clear()
+        mixed, steps = run(sampled, decode_ahead=4, **kw)
+        assert mixed[1] == alone and mixed[:1] + mixed[2:] == reference[:1] + reference[2:], kw
+        assert 14 <= steps < one_pass and counters["stats"]["unique_graphs"] <= graphs, kw

@@ -191,7 +191,7 @@ class Runner:
             read_len = longest + k
             if self.static:
                 read_len = min(-(-read_len // LEN_BUCKET) * LEN_BUCKET, self.kv.max_len)
-            self.kv.set_step(rows, read_len, views=not self.static)
+            self.kv.set_step(rows, read_len)  # a range of slots: keys are views of the cache, as in one pass
             nxt = step(t, pos, step_slots, self.kv).argmax(dim=-1)
             out.append(nxt)
             t, pos = nxt[:, None], pos + live
