@@ -20,26 +20,14 @@ from pathlib import Path
 
 import torch
 
-from coeserve.benchmarks.common import copy_bandwidth, device_name, save_json, sync, write_result
+from coeserve.benchmarks.common import (copy_bandwidth, device_name, save_json, sync, synthetic_expert,
+                                        write_result)
 from coeserve.config import EngineConfig, default_home
 from coeserve.engine.engine import Engine, Expert
-from coeserve.engine.load import bind_image, load_expert, pick_device, pick_dtype
+from coeserve.engine.load import load_expert, pick_device
 from coeserve.engine.sequence import SamplingParams
-from coeserve.formats.synthetic import random_image, synthetic_config
-from coeserve.models import build_model
 
 RUNS = 3  # decode runs per rate; the best counts
-
-
-def synthetic_expert(shape: str, dev: torch.device, dtype: str) -> Expert:
-    cfg = synthetic_config(shape)
-    index, buf = random_image(cfg, "bf16" if dtype == "auto" and dev.type == "cuda" else
-                              ("fp32" if dtype == "auto" else dtype), device=dev)
-    model = build_model(cfg, max_len=4096)
-    model.to_device(dev)
-    dt = pick_dtype(dtype, dev)
-    bind_image(model, buf, index, dt)
-    return Expert(f"synthetic-{shape}", cfg, model, None, dev, dt)
 
 
 def decode_rate(engine: Engine, batch: int, prompt: list[int], tokens: int, runs: int = RUNS) -> float:

@@ -5,28 +5,31 @@
 #
 #   bash bench/gpu.sh [OUTDIR] [STEP ...]     # OUTDIR: default bench/results
 #
-# Steps, most important first; the default is the first four. On an H200 engine-b1, tests and engine
-# took 76, 50 and 150 s (bench/results/*-h200.*; engine-b1-tuned has not run yet). Each has its own time
-# limit and writes its log and JSON into OUTDIR as it ends, so a short lease still brings back the first
-# ones. All end within GPU_BUDGET seconds of the start (default 570, under one 600 s device call): a
-# step's limit is cut to the time left, and a step with under a minute left is skipped.
+# Steps, most important first; the default is the first four (8 files back: a device call's limit). On
+# an H200 engine-b1, tests, engine and switch took 76, 50, 150 and 92 s (bench/results/*-h200.*;
+# profile and engine-b1-tuned have not run yet). Each has its own time limit and writes its log and JSON
+# into OUTDIR as it ends, so a short lease still brings back the first ones. All end within GPU_BUDGET
+# seconds of the start (default 570, under one 600 s device call): a step's limit is cut to the time
+# left, and a step with under a minute left is skipped.
 #   engine-b1  bench/engine.py at batch 1 on a 7B-shaped random Llama in bf16, fused and unfused, with
 #              the engine's 8 greedy passes a step and with one (issue 2's targets: fused >= 70% of the
 #              HBM roofline, fused >= 2x unfused)
 #   tests      tests/test_gpu.py
+#   profile    bench/step_profile.py: a fused batch-1 token's wall time against its kernels' busy time and
+#              the byte-read ceiling, kernels per token and the costliest ones, with 8 passes a step and 1
 #   engine-b1-tuned  engine-b1 with inductor's coordinate-descent tuning of its generated kernels (the
 #              setting gpt-fast uses; longer compiles), against engine-b1's 64-67 % of the roofline
 #   engine     bench/engine.py at batches 1, 4, 8, 16 (each batch size is compiled and captured anew);
 #              its JSON is written after each batch size, so a step cut short keeps the sizes it measured
-#   switch     bench/switch.py on the 7B shape without the two loaders' baselines (issue 3's (b); 92 s
-#              at one repetition, measured and met on the H200)
+#   switch     bench/switch.py on the 7B shape without the two loaders' baselines (issue 3's (b),
+#              measured and met on the H200)
 #   switch-all bench/switch.py with transformers' and safetensors' loads too (a second 13.5 GB copy)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
 shift || true
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(engine-b1 tests engine-b1-tuned engine)
+[ ${#steps[@]} -gt 0 ] || steps=(engine-b1 tests profile engine-b1-tuned)
 GPU_BUDGET=${GPU_BUDGET:-570}
 py=${PYTHON:-python3}
 mkdir -p "$out"
@@ -64,12 +67,13 @@ step() {  # name, seconds, command...
 for s in "${steps[@]}"; do
     case $s in
         engine-b1) step engine-b1 150 $py bench/engine.py --synthetic 7b --fused --batches 1 --out "$out/engine-$tag-b1.json" ;;
-        tests) step tests 120 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
+        tests) step tests 150 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
+        profile) step profile 150 $py bench/step_profile.py --synthetic 7b --fused --out "$out/profile-$tag.json" ;;
         switch) step switch 150 $py bench/switch.py --synthetic-shape 7b --reps 2 --skip-loaders --out "$out/switch-$tag.json" ;;
         engine) step engine 300 $py bench/engine.py --synthetic 7b --fused --batches 1,4,8,16 --out "$out/engine-$tag.json" ;;
         switch-all) step switch-all 400 $py bench/switch.py --synthetic-shape 7b --reps 1 --out "$out/switch-all-$tag.json" ;;
         engine-b1-tuned) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 step engine-b1-tuned 300 $py bench/engine.py \
             --synthetic 7b --fused --batches 1 --out "$out/engine-$tag-b1-tuned.json" ;;
-        *) echo "gpu.sh: unknown step $s (engine-b1, tests, switch, engine, switch-all, engine-b1-tuned)"; exit 2 ;;
+        *) echo "gpu.sh: unknown step $s (engine-b1, tests, profile, engine-b1-tuned, engine, switch, switch-all)"; exit 2 ;;
     esac
 done

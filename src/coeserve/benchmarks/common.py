@@ -66,3 +66,21 @@ def save_json(result: dict, out: str | Path | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def synthetic_expert(shape: str, dev: torch.device, dtype: str = "auto"):
+    """A random-weight expert of a synthetic shape (formats/synthetic.py) bound on `dev`, token ids only:
+    bf16 on CUDA and fp32 on CPU unless `dtype` says."""
+    from coeserve.engine.engine import Expert
+    from coeserve.engine.load import bind_image, pick_dtype
+    from coeserve.formats.synthetic import random_image, synthetic_config
+    from coeserve.models import build_model
+
+    cfg = synthetic_config(shape)
+    index, buf = random_image(cfg, "bf16" if dtype == "auto" and dev.type == "cuda" else
+                              ("fp32" if dtype == "auto" else dtype), device=dev)
+    model = build_model(cfg, max_len=4096)
+    model.to_device(dev)
+    dt = pick_dtype(dtype, dev)
+    bind_image(model, buf, index, dt)
+    return Expert(f"synthetic-{shape}", cfg, model, None, dev, dt)
