@@ -4,6 +4,7 @@ same seed, and a replica killed mid-request loses nothing: its requests finish o
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,6 +104,10 @@ def test_affinity_and_same_answers_as_one_node(cluster, smol):
     assert [t.token for t in whole.content] == [t.token for t in tokens]  # logprobs cross the node boundary
     models = {m.id: m for m in cluster.client.models.list().data}
     assert models[SMOL].model_extra["coe_replicas"] == sorted(where[SMOL])
+    # Structured output: the node compiles the grammar for its own copy of the tokenizer (off its loop).
+    year = chat(cluster, SMOL, "In which year did the Berlin Wall fall?", temperature=0,
+                extra_body={"structured_outputs": {"regex": "1[0-9]{3}"}})
+    assert re.fullmatch("1[0-9]{3}", year.choices[0].message.content) and year.choices[0].finish_reason == "stop"
 
 
 def test_replica_killed_mid_request_loses_nothing(cluster, gemma):

@@ -44,6 +44,8 @@ class CoENode:
         def on_event(kind, value):
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
         seq = Sequence(list(payload["prompt_ids"]), SamplingParams(**payload["params"]))
+        if seq.params.grammar is not None:  # compiled here, in a thread, not on the engine loop at its first step
+            await asyncio.to_thread(self._compile, name, seq.params.grammar)
         seq.on_text = lambda t: on_event("text", (t, seq.take_logprobs()))
         job = Request(name, seq, on_event)
         self.scheduler.submit(job)
@@ -77,6 +79,19 @@ class CoENode:
         finally:
             if not finished:
                 self.scheduler.cancel(job)
+
+    def _compile(self, name: str, spec: tuple[str, str]) -> None:
+        """Compile a structured output's grammar into the cache the engine's matcher reads (per tokenizer).
+        The ingress compiled it already with its own copy of the tokenizer, so it compiles; if not, the
+        engine ends that sequence with the error."""
+        from coeserve.engine import grammar
+
+        codec = self.store.codec(name)
+        if codec is not None:
+            try:
+                grammar.compiled(codec, *spec, self.disk.config(name).vocab_size)
+            except grammar.GrammarError:
+                pass
 
     def state(self) -> dict:
         return {"replica": self.replica, "pid": os.getpid(), "device": self.store.resident("device"),

@@ -145,12 +145,19 @@ class ExpertStore:
             model = e.slot.model
         try:
             model.layer_ready = None if t.complete else t.wait_layer
-            if e.codec is None:
-                e.codec = load_codec(self.disk, name, e.cfg) or False
+            codec = self.codec(name)
         except BaseException:
             self.unpin(name)
             raise
-        return Expert(name, e.cfg, model, e.codec or None, self.device, self.dtype, e.file)
+        return Expert(name, e.cfg, model, codec, self.device, self.dtype, e.file)
+
+    def codec(self, name: str):
+        """The expert's tokenizer (None: it has none), loaded once: the one its acquired Expert carries."""
+        with self._cond:
+            e = self._entry(name)
+        if e.codec is None:
+            e.codec = load_codec(self.disk, name, e.cfg) or False
+        return e.codec or None
 
     def release(self, name: str) -> None:
         self.unpin(name)
