@@ -347,8 +347,8 @@ def ollama_lines(live, path: str, body: dict) -> list[dict]:
 
 
 def test_ollama_api(live, gemma):
-    """Ollama's /api/chat and /api/generate (NDJSON streams by default, or one body), /api/tags, /api/show
-    and /api/version answer as Ollama does, with the text the OpenAI endpoints give for the same settings;
+    """Ollama's /api/chat and /api/generate (NDJSON streams by default, or one body), /api/tags, /api/show,
+    /api/ps and /api/version answer as Ollama does, with the text the OpenAI endpoints give for the same settings;
     errors are {"error": ...}."""
     c = live.client()
     q = [{"role": "user", "content": "What is the capital of France?"}]
@@ -400,6 +400,10 @@ def test_ollama_api(live, gemma):
         data=json.dumps({"model": SMOL, "prompt": "Say hi.", "stream": False, "options": {"num_predict": 4}}).encode())
     with urllib.request.urlopen(form, timeout=60) as r:
         assert json.loads(r.read())["done"]
+    code, ps = get(live.base + "/api/ps", KEY)  # SMOL just ran: it is in device memory (the CPU's: no VRAM)
+    running = {m["name"]: m for m in json.loads(ps)["models"]}
+    assert code == 200 and running[SMOL]["size"] > 0 and running[SMOL]["size_vram"] == 0
+    assert running[SMOL]["context_length"] == 512 and set(running) <= {SMOL, GEMMA}
     for path, body, code in [("/api/chat", {"model": "nope", "messages": q}, 404),
                              ("/api/chat", {"model": SMOL, "messages": q, "format": "yaml"}, 400),
                              ("/api/chat", {"messages": q}, 400),

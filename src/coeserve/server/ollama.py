@@ -1,5 +1,6 @@
 """Ollama's API on the same server, for the tools written against it: `POST /api/chat` and `/api/generate`
-(NDJSON streams unless `"stream": false`), `GET /api/tags`, `POST /api/show` and `GET /api/version`.
+(NDJSON streams unless `"stream": false`), `GET /api/tags`, `POST /api/show`, `GET /api/ps` and
+`GET /api/version`.
 
 A request is translated into the OpenAI one and run by the same handler (routing with `model: "coe"`,
 tools, structured output, the scheduler), and the answer, chunk by chunk, back into Ollama's shape:
@@ -281,6 +282,21 @@ def add_routes(app, state, chat, completions) -> None:
             out["model_info"][f"{family}.context_length"] = state.context(name)
         out["capabilities"] = ["completion", "tools"]
         return out
+
+    @app.get("/api/ps")
+    async def api_ps():
+        """Ollama's running models: the experts in device memory now (at a cluster's ingress, which holds
+        no tiers, those served on some replica). They stay until the store evicts them: no expiry time."""
+        if state.store is not None:
+            names, vram = state.store.resident("device"), state.store.device.type == "cuda"
+        else:
+            names, vram = list(getattr(state.scheduler, "placement", {})), True
+        models = []
+        for name in names:
+            c = card(name)
+            models.append({**c, "expires_at": "0001-01-01T00:00:00Z", "size_vram": c["size"] if vram else 0,
+                           "context_length": state.context(name)})
+        return {"models": models}
 
     @app.get("/api/version")
     async def api_version():
