@@ -368,6 +368,12 @@ def test_ollama_api(live, gemma):
     raw = ollama_lines(live, "/api/generate", {"model": GEMMA, "prompt": "1, 2, 3, 4, 5,", "raw": True,
                                                "options": {"temperature": 0, "num_predict": 6}})
     assert "".join(x["response"] for x in raw).startswith(" 6, 7") and raw[-1]["done_reason"] == "length"
+    # num_predict -1 (Ollama's default): a base model that never ends its count runs to the context's end,
+    # past the server's default max_tokens (256).
+    status, counting = post(live, "/api/generate", {"model": GEMMA, "prompt": "1, 2, 3, 4, 5,", "raw": True,
+                                                    "stream": False, "options": {"temperature": 0, "num_predict": -1}})
+    assert status == 200 and counting["done_reason"] == "length"
+    assert counting["prompt_eval_count"] + counting["eval_count"] == 512 and counting["eval_count"] > 256
     cat = [{"role": "user", "content": "Give a JSON object with a cat's name and colour."}]
     status, js = post(live, "/api/chat", {"model": SMOL, "stream": False, "format": "json", "messages": cat,
                                           "options": greedy | {"num_predict": 48}})

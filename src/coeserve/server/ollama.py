@@ -5,7 +5,8 @@
 A request is translated into the OpenAI one and run by the same handler (routing with `model: "coe"`,
 tools, structured output, the scheduler), and the answer, chunk by chunk, back into Ollama's shape:
 `options` become the sampling fields (Ollama's defaults where unset: temperature 0.8, top_k 40, top_p
-0.9; `num_predict`, `repeat_penalty` as the OpenAI server's `max_tokens` and `repetition_penalty`),
+0.9; `num_predict`, `repeat_penalty` as the OpenAI server's `max_tokens` and `repetition_penalty`, an
+unset or negative `num_predict` meaning, as in Ollama, until the end of sequence or the context is full),
 `format: "json"` or a JSON schema becomes structured output, `/api/generate` puts its prompt (and
 `system`) through the chat template unless `raw`. Errors are `{"error": message}` with the HTTP status."""
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Options(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     seed: int | None = None
-    num_predict: int | None = None  # <= 0: no limit of its own (the server's default max_tokens)
+    num_predict: int | None = None  # unset or <= 0: until the end of sequence or the context
     stop: list[str] | None = None
     repeat_penalty: float | None = None
     presence_penalty: float | None = None
@@ -77,13 +78,14 @@ class OllamaGenerate(_Common):
     raw: bool = False
 
 
-def _fields(body: _Common) -> dict:
-    """The OpenAI request fields that /api/chat and /api/generate share: model, stream, sampling, format."""
+def _fields(body: _Common, context: int) -> dict:
+    """The OpenAI request fields that /api/chat and /api/generate share: model, stream, sampling, format.
+    `context`: the most tokens the model can generate, for Ollama's unbounded num_predict."""
     return {"model": body.model, "stream": body.stream,
-            "stream_options": {"include_usage": True} if body.stream else None, **_sampling(body)}
+            "stream_options": {"include_usage": True} if body.stream else None, **_sampling(body, context)}
 
 
-def _sampling(body: _Common) -> dict:
+def _sampling(body: _Common, context: int) -> dict:
     """The OpenAI request fields of Ollama's options and format."""
     o = body.options or Options()
     out = {k: v for k, v in DEFAULTS.items() if getattr(o, k) is None}
@@ -92,8 +94,9 @@ def _sampling(body: _Common) -> dict:
                          ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
         if getattr(o, theirs) is not None:
             out[ours] = getattr(o, theirs)
-    if o.num_predict is not None and o.num_predict > 0:
-        out["max_tokens"] = o.num_predict
+    # Ollama's num_predict: unset or -1 (its default) generates until the end of sequence or the context
+    # is full, and so does -2 (fill the context); our engine stops at the context in any case.
+    out["max_tokens"] = o.num_predict if o.num_predict is not None and o.num_predict > 0 else context
     if body.format == "json":
         out["response_format"] = {"type": "json_object"}
     elif isinstance(body.format, dict):
@@ -224,6 +227,12 @@ def add_routes(app, state, chat, completions) -> None:
         key, empty = ("message", {"role": "assistant", "content": ""}) if chat else ("response", "")
         return JSONResponse({"model": model, "created_at": _now(), key: empty, "done": True, "done_reason": "load"})
 
+    def context(model: str) -> int:
+        """A model's context: the named expert's, or for the router, the largest of them."""
+        if model == VIRTUAL:
+            return max(state.context(n) for n in state.experts)
+        return state.context(expert_named(state, model))
+
     @app.get("/")
     async def running():
         return PlainTextResponse("coeserve is running")  # Ollama's client checks / answers before anything
@@ -237,7 +246,7 @@ def add_routes(app, state, chat, completions) -> None:
         body = await _body(OllamaChat, request)
         if not body.messages:
             return loaded(body.model, True)
-        clock, fields = _Clock(), {**_fields(body), "messages": [_message(m) for m in body.messages]}
+        clock, fields = _Clock(), {**_fields(body, context(body.model)), "messages": [_message(m) for m in body.messages]}
         if body.tools:
             fields["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
         response = await chat(_openai(ChatRequest, fields), request)
@@ -248,7 +257,7 @@ def add_routes(app, state, chat, completions) -> None:
         body = await _body(OllamaGenerate, request)
         if not body.prompt:
             return loaded(body.model, False)
-        clock, fields = _Clock(), _fields(body)
+        clock, fields = _Clock(), _fields(body, context(body.model))
         if body.raw:
             response = await completions(_openai(CompletionRequest, {**fields, "prompt": body.prompt}), request)
         else:
