@@ -246,7 +246,8 @@ def add_routes(app, state, chat, completions) -> None:
         body = await _body(OllamaChat, request)
         if not body.messages:
             return loaded(body.model, True)
-        clock, fields = _Clock(), {**_fields(body, context(body.model)), "messages": [_message(m) for m in body.messages]}
+        clock = _Clock()
+        fields = {**_fields(body, context(body.model)), "messages": [_message(m) for m in body.messages]}
         if body.tools:
             fields["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
         response = await chat(_openai(ChatRequest, fields), request)
@@ -295,11 +296,12 @@ def add_routes(app, state, chat, completions) -> None:
     @app.get("/api/ps")
     async def api_ps():
         """Ollama's running models: the experts in device memory now (at a cluster's ingress, which holds
-        no tiers, those served on some replica). They stay until the store evicts them: no expiry time."""
+        no tiers and does not know the nodes' devices, those served on some replica, size_vram 0). They
+        stay until the store evicts them: no expiry time."""
         if state.store is not None:
             names, vram = state.store.resident("device"), state.store.device.type == "cuda"
         else:
-            names, vram = list(getattr(state.scheduler, "placement", {})), True
+            names, vram = list(getattr(state.scheduler, "placement", {})), False
         models = []
         for name in names:
             c = card(name)
