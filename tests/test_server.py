@@ -185,11 +185,11 @@ def test_penalties_and_sampling_extensions(live):
                                   extra_body={"min_p": 1.0}).choices[0].message.content
 
 
-def post(live, path: str, body: dict, key: str | None = KEY) -> tuple[int, dict]:
+def post(live, path: str, body: dict, key: str | None = KEY, timeout: float = 60) -> tuple[int, dict]:
     req = urllib.request.Request(live.base + path, data=json.dumps(body).encode(), method="POST",
                                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -370,8 +370,9 @@ def test_ollama_api(live, gemma):
     assert "".join(x["response"] for x in raw).startswith(" 6, 7") and raw[-1]["done_reason"] == "length"
     # num_predict -1 (Ollama's default): a base model that never ends its count runs to the context's end,
     # past the server's default max_tokens (256).
-    status, counting = post(live, "/api/generate", {"model": GEMMA, "prompt": "1, 2, 3, 4, 5,", "raw": True,
-                                                    "stream": False, "options": {"temperature": 0, "num_predict": -1}})
+    count = "".join(f"{i}, " for i in range(1, 51)).strip()
+    status, counting = post(live, "/api/generate", {"model": GEMMA, "prompt": count, "raw": True, "stream": False,
+                                                    "options": {"temperature": 0, "num_predict": -1}}, timeout=300)
     assert status == 200 and counting["done_reason"] == "length"
     assert counting["prompt_eval_count"] + counting["eval_count"] == 512 and counting["eval_count"] > 256
     cat = [{"role": "user", "content": "Give a JSON object with a cat's name and colour."}]
