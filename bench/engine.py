@@ -7,7 +7,8 @@
 The ceiling is bytes read per decode step (weights + the KV cache it attends to) divided by the memory
 bandwidth of a large device copy measured in this run, counted as STREAM does (bytes read + bytes
 written per second). Each decode rate, ours and transformers', is the best of three runs (a shared
-machine's noise otherwise swings the ratio by a third). Where the engine queues several greedy passes
+machine's noise otherwise swings the ratio by a third). The largest batch is measured again with sampled
+answers (temperature 0.8, top_p 0.95), against its greedy rate. Where the engine queues several greedy passes
 per step (EngineConfig.decode_ahead: CUDA), batch 1 is measured again with one pass a step, as
 `decode_*_b1_one_pass_tok_s`. Prints a table, then one JSON line.
 """
@@ -30,12 +31,18 @@ from coeserve.engine.sequence import SamplingParams
 RUNS = 3  # decode runs per rate; the best counts
 
 
-def decode_rate(engine: Engine, batch: int, prompt: list[int], tokens: int, runs: int = RUNS) -> float:
-    """The best of `runs` decodes of `tokens` tokens by `batch` sequences, aggregate tokens/s."""
+SAMPLED = dict(temperature=0.8, top_p=0.95)  # a chat client's usual settings, for the sampled rate
+
+
+def decode_rate(engine: Engine, batch: int, prompt: list[int], tokens: int, runs: int = RUNS,
+                sampled: bool = False) -> float:
+    """The best of `runs` decodes of `tokens` tokens by `batch` sequences, aggregate tokens/s: greedy, or
+    `sampled` with SAMPLED (each sequence its own seed)."""
     best = 0.0
     for _ in range(runs):
-        params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
-        seqs = [engine.add(engine.make_sequence(prompt, params)) for _ in range(batch)]
+        how = [dict(SAMPLED, seed=i) if sampled else dict(temperature=0) for i in range(batch)]
+        seqs = [engine.add(engine.make_sequence(prompt, SamplingParams(max_tokens=tokens + 1, ignore_eos=True, **h)))
+                for h in how]
         while any(not s.output_ids for s in seqs) or engine.prefilling:
             engine.step()  # prefill everything first: this measures decode alone
         engine.step()  # one decode step outside the clock (fused mode compiles on its first call)
@@ -155,6 +162,11 @@ def main(argv=None) -> int:
             result[f"decode_{mode}_b{b}_tok_s"] = rate
             result[f"ceiling_b{b}_tok_s"] = ceiling
             checkpoint(result, args.out)
+        top = max(batches)  # sampling's cost per step grows with the batch: measured at the largest
+        result[f"decode_{mode}_b{top}_sampled_tok_s"] = decode_rate(engine, top, prompt, args.tokens, sampled=True)
+        result[f"ratio_sampled_vs_greedy_b{top}_{mode}"] = \
+            result[f"decode_{mode}_b{top}_sampled_tok_s"] / result[f"decode_{mode}_b{top}_tok_s"]
+        checkpoint(result, args.out)
         if 1 in batches:
             result[f"forward_only_{mode}_b1_tok_s"] = forward_rate(engine, prompt, args.tokens)
             if engine.decode_ahead > 1:  # the same steps with one pass each, a token read back after each
@@ -200,10 +212,9 @@ def print_table(rows, result) -> None:
     print(f"{'engine':24s} {'batch':>5s} {'tok/s':>9s} {'ceiling':>9s} {'of ceiling':>10s}")
     for name, b, rate, ceil in rows:
         print(f"{name:24s} {b:5d} {rate:9.1f} {ceil:9.1f} {rate / ceil:9.0%}")
-    for k in ("forward_only_unfused_b1_tok_s", "forward_only_fused_b1_tok_s", "decode_unfused_b1_one_pass_tok_s",
-              "decode_fused_b1_one_pass_tok_s", "prefill_unfused_tok_s", "prefill_fused_tok_s"):
-        if k in result:
-            print(f"{k}: {result[k]:.0f}")
+    for k, v in result.items():
+        if k.startswith(("forward_only", "prefill")) or k.endswith(("one_pass_tok_s", "sampled_tok_s")):
+            print(f"{k}: {v:.0f}")
     for k, v in result.items():
         if k.startswith(("ratio", "roofline")):
             print(f"{k}: {v:.2f}")

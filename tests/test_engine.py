@@ -214,6 +214,46 @@ def test_a_temperature_too_small_to_divide_by_is_greedy(engine, smol):
     assert tiny_plain.output_ids == greedy.output_ids and set(tiny.output_ids) == {5}
 
 
+@pytest.mark.parametrize("shape, params", [
+    ("peaked", dict(temperature=0.8, top_p=0.9)),  # the nucleus among the 256 most likely
+    ("peaked", dict(temperature=1.3, top_k=5)),
+    ("peaked", dict(temperature=1.0, min_p=0.05, top_p=0.95)),
+    ("peaked", dict(temperature=1.0)),
+    ("flat", dict(temperature=1.0, top_p=0.6)),  # thousands of tokens: the exponent histogram finds them
+])
+def test_sampling_draws_from_the_filtered_distribution(shape, params):
+    """Each draw takes the distribution that temperature, top-k, min-p and top-p leave, computed here by
+    a full sort: 3000 seeded draws never take a token outside it, and the share of draws among its r most
+    likely tokens is within 4 standard errors of its mass there, for every r."""
+    from coeserve.engine.sampler import NUCLEUS, _sample_row
+
+    gen = torch.Generator().manual_seed(11)
+    V = 1000 if shape == "peaked" else 6000
+    logits = torch.randn(V, generator=gen) * (2.0 if shape == "peaked" else 0.3)
+    p = SamplingParams(**params)
+    x = logits / p.temperature
+    if p.top_k:
+        x = x.masked_fill(x < x.topk(p.top_k).values[-1], float("-inf"))
+    ref = torch.softmax(x.double(), -1)
+    if p.min_p:
+        ref = ref * (ref >= p.min_p * ref.max())
+        ref /= ref.sum()
+    mass, order = ref.sort(descending=True)
+    if p.top_p < 1:
+        mass = mass * (mass.cumsum(0) - mass < p.top_p)
+        mass /= mass.sum()
+    kept = int((mass > 0).sum())
+    assert p.top_p == 1 or (kept > NUCLEUS) == (shape == "flat")
+    rank = torch.empty(V, dtype=torch.long)
+    rank[order] = torch.arange(V)
+    seq, n = Sequence([1], p), 3000
+    drawn = torch.tensor([int(rank[_sample_row(logits.clone(), seq)]) for _ in range(n)])
+    assert int(drawn.max()) < kept
+    for r in sorted({1, 2, 3, 5, 10, 30, 100, kept // 2, kept}):
+        want, got = float(mass[:r].sum()), float((drawn < r).float().mean())
+        assert abs(got - want) <= 4 * (max(want * (1 - want), 0) / n) ** 0.5 + 1 / n, (r, got, want)
+
+
 def test_penalise_values():
     row = torch.tensor([2.0, -1.0, 0.5, 3.0])
     seq = Sequence([0], SamplingParams(repetition_penalty=2.0))
