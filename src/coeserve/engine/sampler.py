@@ -63,14 +63,14 @@ def penalise(row: torch.Tensor, seq: Sequence) -> None:
         row.index_add_(0, torch.tensor(ids, device=dev), torch.tensor(bias, device=dev, dtype=row.dtype))
 
 
-NUCLEUS = 256  # top_p looks for its tokens among this many most likely ones first (a full sort if they fall short)
+NUCLEUS = 256  # top_p looks for its tokens among this many most likely ones first (_nucleus)
 
 
 def _sample_row(row: torch.Tensor, seq: Sequence) -> int:
     """One token from a row of logits: temperature, then top-k, min-p and top-p, then a draw from the
     sequence's own generator (one uniform number a token, inverted through the kept tokens' cumulative
-    probabilities). Nothing here sorts the whole vocabulary unless top_p needs more than NUCLEUS tokens:
-    a sort of SmolLM2's 49k logits took 3.4 ms of the 5 a row took, and torch.multinomial over them 1.1."""
+    probabilities). Only _nucleus's rare fallback sorts the whole vocabulary: a sort of SmolLM2's 49k
+    logits took 3.4 ms of the 5 a row took before, and torch.multinomial over them 1.1."""
     p = seq.params
     row = row / p.temperature
     if p.top_k:
@@ -101,21 +101,20 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Ten
     Only if float rounding leaves those short is the whole row sorted."""
     k = min(NUCLEUS, probs.numel())
     vals, ids = probs.topk(k)
-    if k < probs.numel() and vals.sum() < top_p:
+    if k < probs.numel() and vals.cumsum(0)[-1] < top_p:  # the token after them would be kept too
         vals, ids = _at_least(probs, top_p)
-    before = vals.cumsum(0) - vals
-    return vals * (before < top_p), ids
+    return vals * (vals.cumsum(0) - vals < top_p), ids
 
 
 def _at_least(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Most likely tokens with mass >= top_p (more than the smallest such set, fewer than all), sorted."""
-    bucket = (-torch.floor(torch.log2(probs.clamp_min(2.0 ** -126)))).long()  # p in [2^-b, 2^-b+1) → b
+    bucket = (-torch.floor(torch.log2(probs.clamp_min(2.0 ** -126)))).long()  # p in [2^-b, 2^(1-b)) → b
     mass = torch.bincount(bucket, weights=probs.double(), minlength=128).cumsum(0)  # of p >= 2^-b, by b
     b = int(torch.searchsorted(mass, torch.tensor([top_p], dtype=mass.dtype, device=mass.device)))
     if b < mass.numel():
         ids = torch.nonzero(probs >= 2.0 ** -b).squeeze(1)
         vals, order = probs[ids].sort(descending=True)
-        if vals.sum() >= top_p:
+        if vals.cumsum(0)[-1] >= top_p:  # as _nucleus will count it: the token after them is not kept
             return vals, ids[order]
     return probs.sort(descending=True)
 
