@@ -175,10 +175,8 @@ class Runner:
             share_graph_trees()
         slots = [s.slot for s in seqs]
         if self.static:  # row i is slot i; the rows of free slots are padding, as in _static_decode
-            bucket = next(b for b in self.buckets if b > max(slots))
-            tokens, positions = [0] * bucket, [self.kv.max_len - 1] * bucket
-            for s in seqs:
-                tokens[s.slot], positions[s.slot] = s.last_token, s.length - 1
+            tokens, positions = self._static_rows(seqs)
+            bucket = len(tokens)
             rows, step_slots = list(range(bucket)), torch.arange(bucket, device=dev)
             live = torch.zeros(bucket, 1, dtype=torch.long, device=dev)
             live[slots] = 1  # padding rows stay at their position
@@ -188,9 +186,7 @@ class Runner:
         t, pos = torch.tensor(tokens, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None]
         longest, out = max(s.length for s in seqs), []
         for k in range(steps):
-            read_len = longest + k
-            if self.static:
-                read_len = min(-(-read_len // LEN_BUCKET) * LEN_BUCKET, self.kv.max_len)
+            read_len = self._static_len(longest + k) if self.static else longest + k
             self.kv.set_step(rows, read_len)  # a range of slots: keys are views of the cache, as in one pass
             nxt = step(t, pos, step_slots, self.kv).argmax(dim=-1)
             out.append(nxt)
@@ -208,15 +204,26 @@ class Runner:
         makes the step a packed one), so the rows of those slots are padding and write only there, at
         the last position, which no sequence's kept prefix reaches (the cache keeps at most max_len - 1
         of a slot's positions) and a sequence overwrites before it reads it."""
-        bucket = next(b for b in self.buckets if b > max(s.slot for s in seqs))
-        tokens, positions = [0] * bucket, [self.kv.max_len - 1] * bucket
-        for s in seqs:
-            tokens[s.slot], positions[s.slot] = s.last_token, s.length - 1
-        self.kv.set_step(list(range(bucket)), min(-(-read_len // LEN_BUCKET) * LEN_BUCKET, self.kv.max_len))
+        tokens, positions = self._static_rows(seqs)
+        bucket = len(tokens)
+        self.kv.set_step(list(range(bucket)), self._static_len(read_len))
         dev = self.device
         logits = step(torch.tensor(tokens, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None],
                       torch.arange(bucket, device=dev), self.kv)
         return logits.index_select(0, torch.tensor([s.slot for s in seqs], device=dev))
+
+    def _static_rows(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
+        """A static step's input token and position for each row of the smallest bucket that holds the
+        sequences' slots: a sequence's in its slot's row, padding (token 0 at the last position) in the rest."""
+        bucket = next(b for b in self.buckets if b > max(s.slot for s in seqs))
+        tokens, positions = [0] * bucket, [self.kv.max_len - 1] * bucket
+        for s in seqs:
+            tokens[s.slot], positions[s.slot] = s.last_token, s.length - 1
+        return tokens, positions
+
+    def _static_len(self, read_len: int) -> int:
+        """The attended length of a static step: rounded up to LEN_BUCKET (one graph per bucket)."""
+        return min(-(-read_len // LEN_BUCKET) * LEN_BUCKET, self.kv.max_len)
 
     def _src(self, src: list[int]) -> slice | torch.Tensor:
         """A group's packed tokens: a slice when they are a run, else an index."""
