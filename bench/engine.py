@@ -8,8 +8,10 @@ The ceiling is bytes read per decode step (weights + the KV cache it attends to)
 bandwidth of a large device copy measured in this run, counted as STREAM does (bytes read + bytes
 written per second). Each decode rate, ours and transformers', is the best of three runs (a shared
 machine's noise otherwise swings the ratio by a third). The largest batch is measured again with sampled
-answers (temperature 0.8, top_p 0.95), against its greedy rate. Where the engine queues several greedy passes
-per step (EngineConfig.decode_ahead: CUDA), batch 1 is measured again with one pass a step, as
+answers (temperature 0.8, top_p 0.95), against its greedy rate, and where the engine samples on the
+device (EngineConfig.device_sampling: CUDA, or --device-sampling) also row by row as CPU does, one pass
+a step (`decode_*_sampled_rowwise_tok_s`). Where the engine queues several passes per step
+(EngineConfig.decode_ahead: CUDA), batch 1 is measured again with one pass a step, as
 `decode_*_b1_one_pass_tok_s`. Prints a table, then one JSON line.
 """
 from __future__ import annotations
@@ -128,7 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--decode-ahead", type=int, help="greedy passes per step (default: the engine's, 8 on CUDA, else 1)")
+    ap.add_argument("--decode-ahead", type=int, help="passes per step (default: the engine's, 8 on CUDA, else 1)")
+    ap.add_argument("--device-sampling", action=argparse.BooleanOptionalAction,
+                    help="sample all rows at once on the device (default: the engine's, on CUDA)")
     ap.add_argument("--out", help="write the JSON result here too")
     args = ap.parse_args(argv)
 
@@ -154,7 +158,8 @@ def main(argv=None) -> int:
         # No prefix cache: every run here prefills the same prompt, and prefill is what it measures.
         engine = Engine(expert, EngineConfig(max_batch=max(batches), max_seq_len=2048, fused=fused,
                                              prefill_chunk=args.prefill_len, prefix_cache=False,
-                                             decode_ahead=args.decode_ahead))
+                                             decode_ahead=args.decode_ahead,
+                                             device_sampling=args.device_sampling))
         for b in batches:
             rate = decode_rate(engine, b, prompt, args.tokens)
             ceiling = bw / step_bytes(expert, b, args.prompt_len + args.tokens // 2) * b
@@ -166,6 +171,13 @@ def main(argv=None) -> int:
         result[f"decode_{mode}_b{top}_sampled_tok_s"] = decode_rate(engine, top, prompt, args.tokens, sampled=True)
         result[f"ratio_sampled_vs_greedy_b{top}_{mode}"] = \
             result[f"decode_{mode}_b{top}_sampled_tok_s"] / result[f"decode_{mode}_b{top}_tok_s"]
+        if engine.device_sampling:  # the same, sampled row by row (so one pass a step), as on CPU
+            engine.device_sampling = False
+            rowwise = result[f"decode_{mode}_b{top}_sampled_rowwise_tok_s"] = \
+                decode_rate(engine, top, prompt, args.tokens, sampled=True)
+            engine.device_sampling = True
+            result[f"ratio_sampled_device_vs_rowwise_b{top}_{mode}"] = \
+                result[f"decode_{mode}_b{top}_sampled_tok_s"] / rowwise
         checkpoint(result, args.out)
         if 1 in batches:
             result[f"forward_only_{mode}_b1_tok_s"] = forward_rate(engine, prompt, args.tokens)
@@ -213,7 +225,7 @@ def print_table(rows, result) -> None:
     for name, b, rate, ceil in rows:
         print(f"{name:24s} {b:5d} {rate:9.1f} {ceil:9.1f} {rate / ceil:9.0%}")
     for k, v in result.items():
-        if k.startswith(("forward_only", "prefill")) or k.endswith(("one_pass_tok_s", "sampled_tok_s")):
+        if k.startswith(("forward_only", "prefill")) or k.endswith(("one_pass_tok_s", "sampled_tok_s", "rowwise_tok_s")):
             print(f"{k}: {v:.0f}")
     for k, v in result.items():
         if k.startswith(("ratio", "roofline")):

@@ -12,8 +12,8 @@
 # seconds of the start (default 570, under one 600 s device call): a step's limit is cut to the time
 # left, and a step with under a minute left is skipped.
 #   engine-b1  bench/engine.py at batch 1 on a 7B-shaped random Llama in bf16, fused and unfused, with
-#              the engine's 8 greedy passes a step and with one (issue 2's targets: fused >= 70% of the
-#              HBM roofline, fused >= 2x unfused)
+#              the engine's 8 passes a step and with one (issue 2's targets: fused >= 70% of the HBM
+#              roofline, fused >= 2x unfused), and sampled, on the device and row by row
 #   tests      tests/test_gpu.py
 #   profile    bench/step_profile.py: a fused batch-1 token's wall time against its kernels' busy time and
 #              the byte-read ceiling, kernels per token and the costliest ones, with 8 passes a step and 1

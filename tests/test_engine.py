@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -221,11 +222,13 @@ def test_a_temperature_too_small_to_divide_by_is_greedy(engine, smol):
     ("peaked", dict(temperature=1.0)),
     ("flat", dict(temperature=1.0, top_p=0.6)),  # thousands of tokens: the exponent histogram finds them
 ])
-def test_sampling_draws_from_the_filtered_distribution(shape, params):
+@pytest.mark.parametrize("batched", [False, True])
+def test_sampling_draws_from_the_filtered_distribution(shape, params, batched):
     """Each draw takes the distribution that temperature, top-k, min-p and top-p leave, computed here by
     a full sort: 3000 seeded draws never take a token outside it, and the share of draws among its r most
-    likely tokens is within 4 standard errors of its mass there, for every r."""
-    from coeserve.engine.sampler import NUCLEUS, _sample_row
+    likely tokens is within 4 standard errors of its mass there, for every r. Row by row (CPU's) and
+    batched (sample_batch, CUDA's: the 3000 draws as 3000 rows of one call, with a greedy row among them)."""
+    from coeserve.engine.sampler import NUCLEUS, _sample_row, sample
 
     gen = torch.Generator().manual_seed(11)
     V = 1000 if shape == "peaked" else 6000
@@ -247,7 +250,14 @@ def test_sampling_draws_from_the_filtered_distribution(shape, params):
     rank = torch.empty(V, dtype=torch.long)
     rank[order] = torch.arange(V)
     seq, n = Sequence([1], p), 3000
-    drawn = torch.tensor([int(rank[_sample_row(logits.clone(), seq)]) for _ in range(n)])
+    if batched:
+        seqs = [Sequence([1], replace(p, seed=i)) for i in range(n)]
+        seqs.append(Sequence([1], SamplingParams(temperature=0)))
+        tokens = sample(logits.expand(n + 1, V), seqs, batched=True)
+        assert tokens[-1] == int(logits.argmax())
+        drawn = rank[torch.tensor(tokens[:n])]
+    else:
+        drawn = torch.tensor([int(rank[_sample_row(logits.clone(), seq)]) for _ in range(n)])
     assert int(drawn.max()) < kept
     for r in sorted({1, 2, 3, 5, 10, 30, 100, kept // 2, kept}):
         want, got = float(mass[:r].sum()), float((drawn < r).float().mean())
@@ -665,7 +675,7 @@ def test_a_batch_with_gaps_in_its_slots_decodes_as_each_alone(which, request):
     assert [s.output_ids for s in seqs] == alone
 
 
-def test_greedy_passes_queued_ahead_give_the_tokens_of_one_pass_a_step():
+def test_passes_queued_ahead_give_the_tokens_of_one_pass_a_step():
     """With decode_ahead (CUDA's default is 8), a batch that decodes greedily runs several passes per
     step, each fed the argmax of the last on the device. Unfused, compiled with dynamic shapes (CPU's)
     and with static shapes (CUDA's, over slots with gaps too), every sequence gets the tokens of one
@@ -722,3 +732,15 @@ def test_greedy_passes_queued_ahead_give_the_tokens_of_one_pass_a_step():
         mixed, steps = run(sampled, decode_ahead=4, **kw)
         assert mixed[1] == alone and mixed[:1] + mixed[2:] == reference[:1] + reference[2:], kw
         assert 14 <= steps < one_pass and counters["stats"]["unique_graphs"] <= graphs, kw
+    # Sampling on the device (CUDA's default), sampled sequences run ahead too, each pass sampling all
+    # rows at once from uniform numbers drawn beforehand: the seeds give the tokens of one pass a step.
+    hot = [SamplingParams(max_tokens=m, temperature=0.9, top_p=0.9, top_k=40 * (i % 2), min_p=0.02 * i, seed=i,
+                          ignore_eos=True) for i, m in enumerate(budgets)]
+    hot[2] = greedy[2]
+    one_hot, hot_steps = run(hot, decode_ahead=1, device_sampling=True)
+    assert one_hot[2] == reference[2] and all(one_hot[i] != reference[i] for i in (1, 3, 4))
+    for kw, graphs in ((dict(), 0), (dict(fused=True), 2), (dict(fused=True, static_shapes=True), 1)):
+        counters.clear()
+        out, steps = run(hot, decode_ahead=4, device_sampling=True, **kw)
+        assert out == one_hot and steps <= (hot_steps / 2 if kw.get("static_shapes") else hot_steps - 4), kw
+        assert counters["stats"]["unique_graphs"] <= graphs and not counters["graph_break"], kw

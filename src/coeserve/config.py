@@ -93,7 +93,8 @@ class EngineConfig:
     batch_buckets: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64))
     static_shapes: bool | None = None  # fused steps padded to fixed shapes; None = on CUDA only
     prefix_cache: bool = True  # a prompt reuses a free KV slot that holds its first tokens (kv_cache.py)
-    decode_ahead: int | None = None  # greedy decode passes queued per step (Engine._ahead); None: 8 on CUDA, else 1
+    decode_ahead: int | None = None  # decode passes queued per step (Engine._ahead); None: 8 on CUDA, else 1
+    device_sampling: bool | None = None  # sample all rows at once on the device (sampler.sample_batch); None: on CUDA
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_seq_len < 2 or self.prefill_chunk < 1:

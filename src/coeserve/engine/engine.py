@@ -59,6 +59,8 @@ class Engine:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.decode_ahead = config.decode_ahead if config.decode_ahead is not None else \
             (DECODE_AHEAD if expert.device.type == "cuda" else 1)
+        self.device_sampling = config.device_sampling if config.device_sampling is not None else \
+            expert.device.type == "cuda"
 
     @staticmethod
     def _max_len(cfg: ModelConfig, model_len: int, config: EngineConfig) -> int:
@@ -121,7 +123,7 @@ class Engine:
         chunks = self._chunks()
         ahead = 1 if chunks else self._ahead(decoding)
         if ahead > 1:
-            for tokens in self.runner.decode_greedy(decoding, ahead):
+            for tokens in self.runner.decode_ahead(decoding, ahead):
                 for seq, tok in zip(decoding, tokens):
                     if not seq.finished:
                         self._append(seq, tok, done)
@@ -149,7 +151,7 @@ class Engine:
                 except grammar.GrammarError as e:  # its own failure, not the batch's (make_sequence checks first)
                     seq.error = str(e)
                     self._finish(seq, "abort", done)
-        tokens = sample(logits, rows, self._held_off(rows))
+        tokens = sample(logits, rows, self._held_off(rows), batched=self.device_sampling)
         for seq, tok, lp in zip(rows, tokens, token_logprobs(logits, rows, tokens)):
             if not seq.finished:
                 self._append(seq, tok, done, lp)
@@ -171,17 +173,17 @@ class Engine:
 
     def _ahead(self, seqs: list[Sequence]) -> int:
         """Decode passes this step queues at once (EngineConfig.decode_ahead): several when every
-        sequence takes the most likely token with nothing between the logits and the choice (penalties,
-        a grammar, min_tokens, logprobs) and no prompt could join, as many as the nearest limit (max_tokens,
-        the context) allows. A sequence that stops earlier (end of sequence, stop string) wastes the
-        passes left; the steps of the others are unchanged."""
+        sequence takes the most likely token, or samples on the device (device_sampling), with nothing
+        between the logits and the choice (penalties, a grammar, min_tokens, logprobs) and no prompt
+        could join, as many as the nearest limit (max_tokens, the context) allows. A sequence that stops
+        earlier (end of sequence, stop string) wastes the passes left; the steps of the others are unchanged."""
         n = self.decode_ahead
         if n < 2 or not seqs or (self.waiting and self.kv.free) or self.prefilling or not self.inbox.empty():
             return 1
         for s in seqs:
             p = s.params
-            if (not p.greedy or p.penalised or p.grammar is not None or p.logprobs is not None
-                    or len(s.output_ids) < p.min_tokens):
+            if ((not p.greedy and not self.device_sampling) or p.penalised or p.grammar is not None
+                    or p.logprobs is not None or len(s.output_ids) < p.min_tokens):
                 return 1
             n = min(n, p.max_tokens - len(s.output_ids), self.max_len - s.length)
         return n if n > 1 and self.runner.can_decode_ahead(seqs) else 1

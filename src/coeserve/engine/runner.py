@@ -15,6 +15,7 @@ import torch
 
 from coeserve import kernels
 from coeserve.engine.kv_cache import KVCache
+from coeserve.engine.sampler import row_params, sample_batch, uniforms
 from coeserve.engine.sequence import Sequence
 from coeserve.models.common import Group, Layout
 
@@ -159,17 +160,18 @@ class Runner:
         return logits[: len(seqs)]
 
     def can_decode_ahead(self, seqs: list[Sequence]) -> bool:
-        """Whether `decode_greedy` can step these sequences: their weights are all in (no layer
+        """Whether `decode_ahead` can step these sequences: their weights are all in (no layer
         streaming) and the step needs no packed pass (static shapes, or slots that form a range)."""
         return self.model.layer_ready is None and (self.static or KVCache.span_of([s.slot for s in seqs]) is not None)
 
     @torch.inference_mode()
-    def decode_greedy(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
-        """`steps` decode passes in a row for sequences that all take the most likely token: each pass's
-        input is the argmax of the last one's logits, taken on the device, so the host queues every pass
-        before it waits for any. On CUDA the device then runs them back to back instead of sitting idle
-        while the host reads each token, samples and prepares the next step. The caller keeps every
-        sequence within its limits for `steps` tokens (can_decode_ahead first). Tokens [steps][seqs]."""
+    def decode_ahead(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
+        """`steps` decode passes in a row, each fed the tokens the last one's logits gave on the device
+        (the argmax; sample_batch for sampled sequences, with their next `steps` uniform numbers drawn
+        first), so the host queues every pass before it waits for any. On CUDA the device then runs them
+        back to back instead of sitting idle while the host reads each token, samples and prepares the
+        next step. The caller keeps every sequence within its limits for `steps` tokens, with nothing
+        between logits and sampling (can_decode_ahead first). Tokens [steps][seqs]."""
         dev, step = self.device, self._decode
         if self.fused and dev.type == "cuda":
             share_graph_trees()
@@ -180,21 +182,33 @@ class Runner:
             rows, step_slots = list(range(bucket)), torch.arange(bucket, device=dev)
             live = torch.zeros(bucket, 1, dtype=torch.long, device=dev)
             live[slots] = 1  # padding rows stay at their position
+            row_seqs = [None] * bucket
+            for s in seqs:
+                row_seqs[s.slot] = s
         else:
             tokens, positions = [s.last_token for s in seqs], [s.length - 1 for s in seqs]
-            rows, step_slots, live = slots, torch.tensor(slots, device=dev), 1
+            rows, step_slots, live, row_seqs = slots, torch.tensor(slots, device=dev), 1, seqs
+        pick = self._picker(row_seqs, steps)
         t, pos = torch.tensor(tokens, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None]
         longest, out = max(s.length for s in seqs), []
         for k in range(steps):
             read_len = self._static_len(longest + k) if self.static else longest + k
             self.kv.set_step(rows, read_len)  # a range of slots: keys are views of the cache, as in one pass
-            nxt = step(t, pos, step_slots, self.kv).argmax(dim=-1)
+            nxt = pick(step(t, pos, step_slots, self.kv), k)
             out.append(nxt)
             t, pos = nxt[:, None], pos + live
         picked = torch.stack(out)
         if self.static:
             picked = picked.index_select(1, torch.tensor(slots, device=dev))
         return picked.tolist()
+
+    def _picker(self, row_seqs: list[Sequence | None], steps: int):
+        """(logits, pass k) → each row's token: the argmax when every row decodes greedily, else
+        sample_batch with the rows' parameters and uniform numbers, made once for all passes."""
+        if all(s is None or s.params.greedy for s in row_seqs):
+            return lambda logits, k: logits.argmax(dim=-1)
+        params, u = row_params(row_seqs, self.device), uniforms(row_seqs, steps, self.device)
+        return lambda logits, k: sample_batch(logits, *params, u[k])
 
     def _static_decode(self, step, seqs: list[Sequence], read_len: int) -> torch.Tensor:
         """The compiled step at a static shape: row i is slot i for the first `bucket` slots, so every

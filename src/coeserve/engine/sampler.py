@@ -1,7 +1,10 @@
-"""Turn logits into tokens: repetition penalties, a logit bias and a grammar's mask, then greedy or temperature, top-k,
-min-p and top-p, each row with its own seeded generator, so a sequence's tokens depend only on its
-seed, not on what else shares the batch. `token_logprobs` gives the logprobs a request asked for, from
-the model's own distribution (the raw logits, before penalties, bias and temperature: vLLM's default)."""
+"""Turn logits into tokens: repetition penalties, a logit bias and a grammar's mask, then greedy or
+temperature, top-k, min-p and top-p, each sampled token taking one uniform number from its sequence's
+own seeded generator, so a sequence's tokens depend only on its seed, not on what else shares the
+batch. Row by row (`_sample_row`, CPU's default), or with `batched=True` (CUDA's) every row at once on
+the device (`sample_batch`), with no host sync, so passes queued ahead can sample too. `token_logprobs`
+gives the logprobs a request asked for, from the model's own distribution (the raw logits, before
+penalties, bias and temperature: vLLM's default)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -23,9 +26,10 @@ class TokenLogprob(NamedTuple):
 NONE = -1  # sample()'s token for a row that allows no token (a grammar at a dead end): the sequence ends
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], ban: dict[int, list[int]] | None = None) -> list[int]:
+def sample(logits: torch.Tensor, seqs: list[Sequence], ban: dict[int, list[int]] | None = None,
+           batched: bool = False) -> list[int]:
     """A token for each row; `ban`: row → token ids it may not take (the ends a min_tokens holds off).
-    NONE for a row whose masks allow no token."""
+    NONE for a row whose masks allow no token. `batched`: the sampled rows in one `sample_batch`."""
     logits = logits.float()
     guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
     if guided or ban or any(s.params.penalised for s in seqs):
@@ -41,9 +45,67 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], ban: dict[int, list[int]]
     if guided:  # a grammar at a dead end (it compiled, yet admits nothing here) allows no token at all
         allowed = (logits[guided] > float("-inf")).any(dim=-1).tolist()
         dead = {i for i, ok in zip(guided, allowed) if not ok}
+    if batched:
+        return _sample_batched(logits, seqs, dead)
     greedy = logits.argmax(dim=-1).tolist()
     return [NONE if i in dead else greedy[i] if s.params.greedy else _sample_row(logits[i], s)
             for i, s in enumerate(seqs)]
+
+
+def _sample_batched(logits: torch.Tensor, seqs: list[Sequence], dead: set[int]) -> list[int]:
+    tokens = logits.argmax(dim=-1)
+    hot = [i for i, s in enumerate(seqs) if not s.params.greedy and i not in dead]
+    if hot:
+        rows = torch.tensor(hot, device=logits.device)
+        hot_seqs = [seqs[i] for i in hot]
+        u = uniforms(hot_seqs, 1, logits.device)[0]
+        tokens[rows] = sample_batch(logits.index_select(0, rows), *row_params(hot_seqs, logits.device), u)
+    out = tokens.tolist()
+    return [NONE if i in dead else out[i] for i in range(len(seqs))]
+
+
+def row_params(seqs: list[Sequence | None], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """sample_batch's temperature, top_k, top_p and min_p of each row; a greedy row or None (a row that
+    is no one's) has temperature 0, and takes the argmax."""
+    ps = [s.params if s is not None and not s.params.greedy else None for s in seqs]
+    temp = torch.tensor([p.temperature if p else 0.0 for p in ps], device=device)
+    top_k = torch.tensor([p.top_k if p else 0 for p in ps], device=device)
+    top_p = torch.tensor([p.top_p if p else 1.0 for p in ps], device=device)
+    min_p = torch.tensor([p.min_p if p else 0.0 for p in ps], device=device)
+    return temp, top_k, top_p, min_p
+
+
+def uniforms(seqs: list[Sequence | None], n: int, device: torch.device) -> torch.Tensor:
+    """[n, rows]: the uniform numbers of each sampled row's next n tokens, drawn from its sequence's
+    generator as one pass a step draws them (one a token, in order): the same seed gives the same tokens
+    however many passes a step runs. 0 for greedy rows and rows that are no one's."""
+    u = [[float(torch.rand((), generator=s.generator)) if s is not None and not s.params.greedy else 0.0
+          for s in seqs] for _ in range(n)]
+    return torch.tensor(u, device=device)
+
+
+def sample_batch(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A token for each row of logits [R, V], all on the device and without a host sync: temperature,
+    top-k, min-p and top-p as _sample_row applies them, over each row sorted once, then the token where
+    u (in [0, 1)) times the kept mass falls in the kept tokens' cumulative mass, most likely first. Rows
+    with temperature 0 take the argmax. The full sort costs little on a GPU (vLLM sorts too) and much on
+    a CPU, where _sample_row's topk search serves one pass a step."""
+    hot = temp > 0
+    x = logits.float() / torch.where(hot, temp, 1.0)[:, None]
+    vals, ids = x.sort(dim=-1, descending=True)
+    n = vals.shape[-1]
+    kth = vals.gather(1, (torch.where(top_k > 0, top_k, n).clamp_max(n) - 1)[:, None])
+    probs = vals.masked_fill(vals < kth, float("-inf")).softmax(dim=-1)
+    probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)  # top_p counts the mass of what min_p kept
+    # A token is kept while the mass before it is under top_p; top_p 1 keeps all (a sum may round past 1).
+    probs = probs * ((probs.cumsum(dim=-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1))
+    cdf = probs.cumsum(dim=-1)
+    at = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    # u times the mass rounded up to the mass: the last token with any (the kept tokens lead the row)
+    at = torch.minimum(at, (probs > 0).sum(dim=-1, keepdim=True) - 1)
+    return torch.where(hot, ids.gather(1, at).squeeze(1), logits.argmax(dim=-1))
 
 
 def penalise(row: torch.Tensor, seq: Sequence) -> None:
