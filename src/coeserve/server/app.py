@@ -230,8 +230,9 @@ def create_app(state: ServerState) -> FastAPI:
             prompts.append(Prompt(expert, route, ids))
         return await _run(state, request, body, prompts, (), chat=False)
 
-    from coeserve.server import ollama, tokens
+    from coeserve.server import embeddings, ollama, tokens
     tokens.add_routes(app, state)
+    embeddings.add_routes(app, state)
     ollama.add_routes(app, state, chat, completions)
     return app
 

@@ -123,7 +123,7 @@ def _openai(cls, fields: dict):
         raise invalid([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
 
-async def _body(cls, request: Request):
+async def read_body(cls, request: Request):
     """The request's JSON body as `cls`, whatever its Content-Type (Ollama's own examples are `curl -d`,
     which says form-encoded)."""
     try:
@@ -243,7 +243,7 @@ def add_routes(app, state, chat, completions) -> None:
 
     @app.post("/api/chat")
     async def api_chat(request: Request):
-        body = await _body(OllamaChat, request)
+        body = await read_body(OllamaChat, request)
         if not body.messages:
             return loaded(body.model, True)
         clock = _Clock()
@@ -255,7 +255,7 @@ def add_routes(app, state, chat, completions) -> None:
 
     @app.post("/api/generate")
     async def api_generate(request: Request):
-        body = await _body(OllamaGenerate, request)
+        body = await read_body(OllamaGenerate, request)
         if not body.prompt:
             return loaded(body.model, False)
         clock, fields = _Clock(), _fields(body, context(body.model))
@@ -283,7 +283,7 @@ def add_routes(app, state, chat, completions) -> None:
 
     @app.post("/api/show")
     async def api_show(request: Request):
-        body = await _body(Show, request)
+        body = await read_body(Show, request)
         name = body.model if body.model == VIRTUAL else expert_named(state, body.model)
         out = card(name)
         family = out["details"]["family"]
