@@ -55,3 +55,33 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(smol, reference):
     _, tok = reference(SMOL)
     text = "Hello, world! Ünïcode and code: x = [i**2 for i in range(10)]"
     assert smol.codec.encode(text) == tok(text).input_ids
+
+
+@pytest.mark.parametrize("name", [SMOL, GEMMA])
+def test_prompt_logprobs_match_transformers(name, request, reference):
+    """A prompt's logprobs (SamplingParams.prompt_logprobs), prefilled in chunks of 5 next to another
+    sequence's decode rows: each prompt token's logprob and its top 3 are transformers' log-softmax at
+    the position before it, within 1e-3; none for the first token. The prompt comes in whole although
+    a free slot holds its start (the prefix cache is not read for it)."""
+    from coeserve.config import EngineConfig
+    from coeserve.engine.engine import Engine
+    from coeserve.engine.sequence import SamplingParams
+
+    expert = request.getfixturevalue("smol" if name == SMOL else "gemma")
+    model, tok = reference(name)
+    ids = tok("The capital of France is Paris, and the capital of Italy is Rome.").input_ids
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    eng = Engine(expert, EngineConfig(max_batch=2, max_seq_len=256, prefill_chunk=5))
+    eng.generate([ids[:12]], SamplingParams(max_tokens=2, temperature=0))  # leaves its start in a free slot
+    other = eng.add(eng.make_sequence(ids[:3], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)))
+    eng.step()  # the other decodes while the prompt below prefills
+    seq = eng.add(eng.make_sequence(ids, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)))
+    eng.run_until_done()
+    assert other.finish_reason == "length" and seq.cached == 0
+    assert [x.token for x in seq.prompt_logprobs] == ids[1:]
+    for p, x in enumerate(seq.prompt_logprobs):
+        assert abs(x.logprob - ref[p, ids[p + 1]].item()) < 1e-3, p
+        top_v, top_i = ref[p].topk(3)
+        assert {i for i, _ in x.top} == set(top_i.tolist()), p
+        assert max(abs(v - w) for (_, v), w in zip(x.top, top_v.tolist())) < 1e-3, p  # best first

@@ -169,6 +169,38 @@ def test_completion_logprobs(live):
         assert 1 <= len(top) <= 2 and max(top.values()) == chosen  # greedy: the chosen one is the best
 
 
+def test_completion_echo_gives_the_prompts_logprobs(live):
+    """echo: the prompt before the answer, in the text and in the logprobs (the first prompt token
+    without one), as lm-evaluation-harness scores a continuation. Scored again with echo, a greedy
+    answer's tokens get the logprobs they were generated with; streamed, the prompt is the first chunk;
+    from token ids, the prompt is their text."""
+    c, prompt = live.client(), "The capital of France is"
+    plain = c.completions.create(model=SMOL, prompt=prompt, max_tokens=6, temperature=0, logprobs=1)
+    gen = plain.choices[0].logprobs
+    r = c.completions.create(model=SMOL, prompt=prompt + plain.choices[0].text, max_tokens=1, temperature=0,
+                             logprobs=2, echo=True)
+    text, lp = r.choices[0].text, r.choices[0].logprobs
+    n = r.usage.prompt_tokens
+    assert text.startswith(prompt + plain.choices[0].text) and len(lp.tokens) == n + 1
+    assert "".join(lp.tokens) == text and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.tokens[n - len(gen.tokens):n] == gen.tokens
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[n - len(gen.tokens):n], gen.token_logprobs)) < 1e-3
+    for top, chosen in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]):
+        assert len(top) == 2 and max(top.values()) >= chosen and chosen <= 0
+    bare = c.completions.create(model=SMOL, prompt=prompt, max_tokens=1, echo=True)
+    assert bare.choices[0].text.startswith(prompt) and bare.choices[0].logprobs is None
+    chunks = list(c.completions.create(model=SMOL, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                       logprobs=0, stream=True))
+    assert chunks[0].choices[0].text == prompt and chunks[0].choices[0].logprobs.token_logprobs[0] is None
+    assert len(chunks[0].choices[0].logprobs.tokens) == n - len(gen.tokens)
+    streamed = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert len(streamed) > len(prompt) and (prompt + plain.choices[0].text).startswith(streamed)
+    _, tokens = post(live, "/tokenize", {"model": SMOL, "prompt": prompt})
+    code, body = post(live, "/v1/completions", {"model": SMOL, "prompt": [tokens["tokens"]], "max_tokens": 1,
+                                                "echo": True})
+    assert code == 200 and body["choices"][0]["text"].startswith(prompt)
+
+
 def test_penalties_and_sampling_extensions(live):
     """OpenAI's penalties and vLLM's top_k, min_p, repetition_penalty and min_tokens (extra_body) reach the
     sampler."""

@@ -51,7 +51,7 @@ class CoENode:
         self.scheduler.submit(job)
         finished = False
         try:
-            held = None  # an event taken off the queue while joining text deltas
+            held, first = None, True  # held: an event taken off the queue while joining text deltas
             while True:
                 kind, value = held or await events.get()
                 held = None
@@ -66,7 +66,10 @@ class CoENode:
                         text.append(held[1][0])
                         logprobs += held[1][1]
                         held = None
-                    yield {"kind": "text", "text": "".join(text), "logprobs": logprobs}
+                    # A prompt's logprobs are all in by its first text: they go with it.
+                    yield {"kind": "text", "text": "".join(text), "logprobs": logprobs,
+                           "prompt_logprobs": list(seq.prompt_logprobs) if first else []}
+                    first = False
                     continue
                 finished = True
                 if kind == "error":
@@ -74,6 +77,7 @@ class CoENode:
                 else:
                     yield {"kind": "done", "text": value.text, "finish_reason": value.finish_reason,
                            "output_ids": list(value.output_ids), "logprobs": list(value.logprobs),
+                           "prompt_logprobs": list(value.prompt_logprobs),
                            "cached": value.cached}
                 return
         finally:

@@ -60,6 +60,8 @@ class RemoteScheduler:
                 self.pids[ev["replica"]] = ev["pid"]
             elif kind == "text":
                 sent.append(ev["text"])
+                if ev["prompt_logprobs"]:
+                    job.seq.prompt_logprobs = ev["prompt_logprobs"]
                 if not job.buffered:
                     job.on_event("text", (ev["text"], ev["logprobs"]))
             elif kind == "error":
@@ -68,6 +70,6 @@ class RemoteScheduler:
             else:
                 seq = job.seq
                 seq.text, seq.finish_reason, seq.output_ids = ev["text"], ev["finish_reason"], ev["output_ids"]
-                seq.logprobs, seq.cached = ev["logprobs"], ev["cached"]
+                seq.logprobs, seq.cached, seq.prompt_logprobs = ev["logprobs"], ev["cached"], ev["prompt_logprobs"]
                 job.on_event("done", seq)
                 return

@@ -16,7 +16,7 @@ from coeserve.config import EngineConfig, ModelConfig
 from coeserve.engine import grammar
 from coeserve.engine.kv_cache import MIN_REUSE, KVCache, common
 from coeserve.engine.runner import Runner
-from coeserve.engine.sampler import NONE, sample, token_logprobs
+from coeserve.engine.sampler import NONE, logprobs_of, sample, token_logprobs
 from coeserve.engine.sequence import SamplingParams, Sequence, Status
 from coeserve.engine.tokenizer import Codec
 
@@ -129,7 +129,12 @@ class Engine:
                         self._append(seq, tok, done)
             return done
         if chunks:
-            logits = self.runner.packed(decoding, chunks)
+            every = [k for k, (s, _, _) in enumerate(chunks) if s.params.prompt_logprobs is not None]
+            logits = self.runner.packed(decoding, chunks, every)
+            if every:
+                n = len(decoding) + len(chunks)
+                self._prompt_logprobs([chunks[k] for k in every], logits[n:])
+                logits = logits[:n]
         elif decoding:
             logits = self.runner.decode(decoding)
         else:
@@ -188,6 +193,18 @@ class Engine:
             n = min(n, p.max_tokens - len(s.output_ids), self.max_len - s.length)
         return n if n > 1 and self.runner.can_decode_ahead(seqs) else 1
 
+    @staticmethod
+    def _prompt_logprobs(chunks: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
+        """Add to each chunk's sequence the logprobs of its prompt tokens lo+1 .. hi (within the prompt),
+        from `logits` at the positions before them, chunk after chunk (Runner.packed's `every` rows)."""
+        row = 0
+        for seq, lo, hi in chunks:
+            targets = seq.prompt_ids[lo + 1:min(hi, len(seq.prompt_ids) - 1) + 1]
+            if targets:
+                seq.prompt_logprobs += logprobs_of(logits[row:row + len(targets)], targets,
+                                                   seq.params.prompt_logprobs)
+            row += len(targets)
+
     def _chunks(self) -> list[tuple[Sequence, int, int]]:
         """Prompt tokens lo..hi of sequences from the front of the prefill queue, at most `prefill_chunk`
         in all: whole prompts while they fit, then a first chunk of the next (only the last may be partial)."""
@@ -208,12 +225,14 @@ class Engine:
             seq = self.waiting.popleft()
             if seq.finished:  # aborted while waiting
                 continue
-            if self.config.prefix_cache:
+            # A prompt's logprobs need every position computed: none are taken from the cache.
+            reuse = self.config.prefix_cache and seq.params.prompt_logprobs is None
+            if reuse:
                 seq.slot, seq.cached = self.kv.allocate_for(seq.prompt_ids)
             else:
                 seq.slot, seq.cached = self.kv.allocate(), 0
             seq.prefilled = seq.cached
-            if self.config.prefix_cache:
+            if reuse:
                 self._share(seq)
             seq.status = Status.PREFILL
             self.prefilling.append(seq)

@@ -96,11 +96,13 @@ class Runner:
         return logits[0] if hi == len(seq.prompt_ids) else None
 
     @torch.inference_mode()
-    def packed(self, decoding: list[Sequence], chunks: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+    def packed(self, decoding: list[Sequence], chunks: list[tuple[Sequence, int, int]],
+               every: list[int] = ()) -> torch.Tensor:
         """One forward pass over a decode token of each of `decoding` and prompt tokens lo..hi of each of
         `chunks`, packed in a row: the weights are read once for all of them and no matmul row is padding.
-        Logits [B, V] in that order (a chunk's at its last token). Attention runs per group: the
-        single-token rows in one batch, each longer chunk alone."""
+        Logits [B, V] in that order (a chunk's at its last token), then, for each chunk numbered in
+        `every`, at each of its positions that precede a prompt token (the prompt's logprobs). Attention
+        runs per group: the single-token rows in one batch, each longer chunk alone."""
         rows = [(s, s.length - 1, s.length, [s.last_token]) for s in decoding]
         rows += [(s, lo, hi, s.prompt_ids[lo:hi]) for s, lo, hi in chunks]
         tokens, positions, slots, last, starts, n = [], [], [], [], [], 0
@@ -133,6 +135,10 @@ class Runner:
                 if tok is not None:
                     where.setdefault(tok, row)
             back = torch.tensor([where[t] for t in range(n)], device=dev)
+        for k in every:  # positions lo .. up to the one before the prompt's last token
+            s, lo, hi, _ = rows[len(decoding) + k]
+            start = starts[len(decoding) + k]
+            last += range(start, start + min(hi, len(s.prompt_ids) - 1) - lo)
         layout = Layout(groups, back, torch.tensor(last, device=dev))
         return self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev),
                           torch.tensor([slots], device=dev), self.kv, layout=layout)

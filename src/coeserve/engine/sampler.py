@@ -186,15 +186,19 @@ def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]
     (log-softmax of the raw logits, in fp32); None for the others. One pass over the rows that ask."""
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     out: list[TokenLogprob | None] = [None] * len(seqs)
-    if not want:
-        return out
-    lp = torch.log_softmax(logits[want].float(), dim=-1)
-    rows = torch.arange(len(want), device=lp.device)
-    chosen = lp[rows, torch.tensor([tokens[i] for i in want], device=lp.device)].tolist()
-    k = max(seqs[i].params.logprobs for i in want)
+    if want:
+        found = logprobs_of(logits[want], [tokens[i] for i in want], max(seqs[i].params.logprobs for i in want))
+        for i, lp in zip(want, found):
+            n = seqs[i].params.logprobs
+            out[i] = lp._replace(top=lp.top[:n])
+    return out
+
+
+def logprobs_of(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Each row's logprob of its token and its k most likely tokens' (log-softmax in fp32)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    rows = torch.arange(len(tokens), device=lp.device)
+    chosen = lp[rows, torch.tensor(tokens, device=lp.device)].tolist()
     top_v, top_i = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
     top_v, top_i = top_v.tolist(), top_i.tolist()
-    for j, i in enumerate(want):
-        n = seqs[i].params.logprobs
-        out[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(top_i[j][:n], top_v[j][:n])))
-    return out
+    return [TokenLogprob(t, c, tuple(zip(i, v))) for t, c, i, v in zip(tokens, chosen, top_i, top_v)]

@@ -27,6 +27,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per time the token was generated
     repetition_penalty: float = 1.0  # HF's / vLLM's: logits of tokens in the prompt or output divided by it
     logprobs: int | None = None  # None = off; else each output token's logprob and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (no prefix cache then)
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias) added to the logits
     stop_token_ids: tuple[int, ...] = ()  # vLLM's: generating one of these ends the output (it is not shown)
     grammar: tuple[str, str] | None = None  # structured output: (kind, spec), see engine/grammar.py
@@ -46,7 +47,7 @@ class SamplingParams:
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if not 0 < self.repetition_penalty <= 2:
             raise ValueError("repetition_penalty must be in (0, 2]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+        if any(k is not None and not 0 <= k <= MAX_LOGPROBS for k in (self.logprobs, self.prompt_logprobs)):
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
         if any(not -100 <= b <= 100 for _, b in self.logit_bias):
             raise ValueError("logit_bias values must be in [-100, 100]")
@@ -101,6 +102,8 @@ class Sequence:
     detok: object | None = None  # the tokenizer's TextStream of output_ids, made at the first token
     logprobs: list = field(default_factory=list)  # with params.logprobs: a `TokenLogprob` per output token
     logprobs_taken: int = 0  # of them, passed on by take_logprobs
+    prompt_logprobs: list = field(default_factory=list)  # with params.prompt_logprobs: a `TokenLogprob` per
+    # prompt token after the first, filled as the prompt is prefilled
     matcher: object | None = None  # with params.grammar: its xgrammar matcher, made at the first sample
     error: str | None = None  # why the engine ended it ("abort"), when it failed on its own
     generator: torch.Generator = field(init=False)

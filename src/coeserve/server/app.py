@@ -217,7 +217,7 @@ def create_app(state: ServerState) -> FastAPI:
         if body.model == VIRTUAL and not all(isinstance(p, str) for p in body.prompt):
             raise ApiError(400, "a prompt of token ids needs a named expert (the ids are its tokenizer's), "
                            "not the router", param="prompt")
-        prompts = []
+        prompts, echo = [], []
         for text, (expert, route) in zip(body.prompt, await _resolve(state, body.model, body.prompt)):
             if isinstance(text, str):
                 codec = await run_in_threadpool(state.codec, expert)
@@ -227,8 +227,12 @@ def create_app(state: ServerState) -> FastAPI:
                 if max(ids) >= vocab:
                     raise ApiError(400, f"token id {max(ids)} is not in {expert}'s vocabulary of {vocab}",
                                    param="prompt")
+                if body.echo:
+                    codec = await run_in_threadpool(state.codec, expert)
+                    text = await run_in_threadpool(codec.decode, ids)
             prompts.append(Prompt(expert, route, ids))
-        return await _run(state, request, body, prompts, (), chat=False)
+            echo.append(text)
+        return await _run(state, request, body, prompts, (), chat=False, echo=echo if body.echo else None)
 
     from coeserve.server import embeddings, ollama, tokens
     tokens.add_routes(app, state)
@@ -277,10 +281,10 @@ async def _resolve(state: ServerState, model: str, texts: list) -> list[tuple[st
     return [(r.expert if r.expert in state.experts else state.fallback, (r.category, r.prob)) for r in routes]
 
 
-async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool, tools=None):
+async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool, tools=None, echo=None):
     """Queue n sequences per prompt (choice i*n + j is prompt i's j-th; with a seed, its seed is seed + j)
     and answer with all of them, streamed or as one body. `tools`: (tools, mode, parallel) when tool calls
-    are in play (server/tools.py)."""
+    are in play (server/tools.py). `echo`: each prompt's text, to go before its answers (completions)."""
     named = body.token_ids()
     for p in prompts:
         top, vocab = max(named, default=-1), state.vocab(p.expert)
@@ -294,6 +298,7 @@ async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool, to
     try:
         params = [SamplingParams(max_tokens=body.limit(state.default_max_tokens),
                                  stop=tuple(body.stop or ()) + tuple(stop), logprobs=body.wanted_logprobs(),
+                                 prompt_logprobs=body.wanted_logprobs() if echo else None,
                                  **body.sampling(j)) for j in range(body.n)]
     except ValueError as e:
         raise ApiError(400, str(e)) from None
@@ -324,9 +329,9 @@ async def _run(state, request, body, prompts: list[Prompt], stop, chat: bool, to
     from coeserve.server.stream import collect, stream
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream(state, model, jobs, body.n, events, chat, include, tools),
+        return StreamingResponse(stream(state, model, jobs, body.n, events, chat, include, tools, echo),
                                  media_type="text/event-stream", headers=headers)
-    out = await collect(state, request, model, jobs, body.n, events, chat, tools)
+    out = await collect(state, request, model, jobs, body.n, events, chat, tools, echo)
     return JSONResponse(out, headers=headers, status_code=200 if "error" not in out else 500)
 
 

@@ -218,6 +218,7 @@ class CompletionRequest(_Sampling):
     # A prompt is text or token ids; a batch is a list of either (choice i*n+j is prompt i's j-th sample).
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # the prompt before the answer, in the text and (with logprobs) the logprobs
 
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
@@ -344,13 +345,16 @@ class Logprobs:
                             for x in items], "refusal": None}
 
     def _completion(self, items) -> dict:
+        """An echoed prompt's first token has no logprob (nothing precedes it): None, as OpenAI gives it."""
         tokens, offsets = [], []
         for x in items:
             tokens.append(self.piece(x.token)[0])
             offsets.append(self.offset)
             self.offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [_finite(x.logprob) for x in items],
-                "top_logprobs": [{self.piece(i)[0]: _finite(lp) for i, lp in x.top} for x in items],
+        return {"tokens": tokens,
+                "token_logprobs": [None if x.logprob is None else _finite(x.logprob) for x in items],
+                "top_logprobs": [None if x.top is None else {self.piece(i)[0]: _finite(lp) for i, lp in x.top}
+                                 for x in items],
                 "text_offset": offsets}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from coeserve.engine.sampler import TokenLogprob
 from coeserve.server import schemas
 from coeserve.server import tools as toolkit
 
@@ -65,6 +66,11 @@ def _logprobs(state, job, chat: bool):
     return schemas.Logprobs(state.codec(job.expert).piece, chat)
 
 
+def _prompt_items(seq) -> list:
+    """An echoed prompt's tokens with their logprobs: none for the first (nothing precedes it)."""
+    return [TokenLogprob(seq.prompt_ids[0], None, None), *seq.prompt_logprobs]
+
+
 def _cancel(state, jobs, done: set) -> None:
     for i, job in enumerate(jobs):
         if i not in done:
@@ -79,21 +85,27 @@ def _finish(seq, tools, calls) -> str:
 
 
 async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: bool, include_usage: bool,
-                 tools=None):
+                 tools=None, echo=None):
     """`tools`: (tools, mode, parallel) when tool calls are in play: a choice's text is held while it may
-    be calls (server/tools.Held) and calls go out as one tool_calls delta at its finish."""
+    be calls (server/tools.Held) and calls go out as one tool_calls delta at its finish. `echo`: each
+    prompt's text, sent (with its logprobs) as a choice's first chunk once its prompt is in."""
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     tally, done, failed = _Tally(state, jobs, n), set(), False
     logprobs = [_logprobs(state, job, chat) for job in jobs]
     sent = [0] * len(jobs)  # per choice, the tokens whose logprobs went out
     held = [toolkit.Held(*tools) if tools else None for _ in jobs]
     pending = [[] for _ in jobs]  # per choice, the logprobs of text held back
+    echoed = set()  # the choices whose prompt went out
     try:
         if chat:
             for i in range(len(jobs)):
                 yield _sse(schemas.chat_chunk(rid, model, {"role": "assistant", "content": ""}, index=i))
         while len(done) < len(jobs):
             i, kind, payload, at = await events.get()
+            if echo and kind != "error" and i not in echoed:
+                echoed.add(i)
+                lp = logprobs[i](_prompt_items(jobs[i].seq))
+                yield _sse(schemas.completion_chunk(rid, model, echo[i // n], logprobs=lp, index=i))
             if kind == "text":
                 tally.text(i, at)
                 text, items = payload
@@ -139,7 +151,8 @@ async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: b
                 state.metrics.requests.labels(jobs[0].expert, "cancelled").inc()
 
 
-async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queue, chat: bool, tools=None) -> dict:
+async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queue, chat: bool, tools=None,
+                  echo=None) -> dict:
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     tally, done = _Tally(state, jobs, n), set()
     while len(done) < len(jobs):
@@ -160,9 +173,11 @@ async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queu
             done.add(i)
     choices = []
     for i, job in enumerate(jobs):
-        seq, lp = job.seq, _logprobs(state, job, chat)(job.seq.logprobs)
+        seq = job.seq
+        lp = _logprobs(state, job, chat)((_prompt_items(seq) if echo else []) + seq.logprobs)
         if not chat:
-            choices.append(schemas.completion_choice(i, seq.text, FINISH.get(seq.finish_reason, "stop"), lp))
+            text = echo[i // n] + seq.text if echo else seq.text
+            choices.append(schemas.completion_choice(i, text, FINISH.get(seq.finish_reason, "stop"), lp))
             continue
         calls = toolkit.calls(seq.text, *tools) if tools else None
         choices.append(schemas.chat_choice(i, seq.text, _finish(seq, tools, calls), lp, calls))
