@@ -747,7 +747,7 @@ def test_concurrent_first_requests_load_a_tokenizer_once(store, built):
     """Requests that arrive together for an expert whose tokenizer is not loaded yet share one load, and
     the engine loop gets that same tokenizer object rather than building its own."""
     from coeserve.engine import load
-    from coeserve.server.app import ServerState
+    from coeserve.server.state import ServerState
 
     state = ServerState(disk=store, experts=[GEMMA, SMOL])
     start = threading.Barrier(6)
@@ -810,7 +810,7 @@ def test_serve_settings_dtype_and_max_wait(tmp_path):
 
 def test_tokenizers_are_loaded_before_the_server_is_ready(store, built):
     """Start-up builds every expert's tokenizer once (shared by content), so no request pays for one."""
-    from coeserve.server.app import ServerState
+    from coeserve.server.state import ServerState
     from coeserve.server.serve import warm_codecs
 
     state = ServerState(disk=store, experts=[GEMMA, SMOL])
@@ -824,7 +824,7 @@ def test_events_from_the_engine_thread_arrive_in_order_on_each_stream():
     items, in order, however the posts and the event loop's wake-ups interleave."""
     import asyncio
 
-    from coeserve.server.app import ServerState
+    from coeserve.server.state import ServerState
 
     state = ServerState()
 

@@ -50,9 +50,10 @@ def _ingress_class():
 
         def __serve_build_asgi_app__(self):
             from coeserve.cluster.remote import RemoteScheduler
-            from coeserve.server.app import ServerState, create_app
+            from coeserve.server.app import create_app
             from coeserve.server.metrics import Metrics
             from coeserve.server.serve import build_router, open_experts
+            from coeserve.server.state import ServerState
 
             cfg = self.cfg
             disk, experts = open_experts(cfg)

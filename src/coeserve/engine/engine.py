@@ -15,6 +15,7 @@ import torch
 from coeserve.config import EngineConfig, ModelConfig
 from coeserve.engine import grammar
 from coeserve.engine.kv_cache import MIN_REUSE, KVCache, common
+from coeserve.engine.output import emit, extend
 from coeserve.engine.runner import Runner
 from coeserve.engine.sampler import NONE, logprobs_of, sample, token_logprobs
 from coeserve.engine.sequence import SamplingParams, Sequence, Status
@@ -275,61 +276,27 @@ class Engine:
     def _append(self, seq: Sequence, token: int, done: list[Sequence], logprob=None) -> None:
         p, eos = seq.params, self._eos()
         if token == NONE:  # its grammar allows nothing more: the output ends here
-            self._extend(seq, None)
+            extend(self.expert.codec, seq, None)
             return self._finish(seq, "stop", done)
         # A grammar's output ends with the end-of-sequence token it alone then allows (even with ignore_eos).
         complete = seq.matcher is not None and seq.matcher.accept_token(token) and seq.matcher.is_terminated()
         if (token in eos and not p.ignore_eos) or token in p.stop_token_ids or complete:
-            self._extend(seq, None)
+            extend(self.expert.codec, seq, None)
             return self._finish(seq, "stop", done)
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
         last = len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len
-        if self._extend(seq, token, last):
+        if extend(self.expert.codec, seq, token, last):
             return self._finish(seq, "stop", done)
         if last:
             return self._finish(seq, "length", done)
-        self._emit(seq, final=False)
-
-    def _extend(self, seq: Sequence, token: int | None, last: bool = True) -> bool:
-        """Add `token`'s text (and, when `last`, any text held back) to seq.text; True if that completed a
-        stop string, then the text is cut before it. Only the new text, and the end of the old that a
-        stop string could begin in, is searched: each token costs the same however long the output."""
-        codec = self.expert.codec
-        if codec is None:
-            return False
-        if seq.detok is None:
-            seq.detok = codec.stream()
-        new = seq.detok.push(token) if token is not None else ""
-        new += seq.detok.flush() if last else ""
-        if not new:
-            return False
-        stops = seq.params.stop if len(seq.output_ids) >= seq.params.min_tokens else ()  # vLLM's min_tokens
-        start = max(0, len(seq.text) - max((len(s) for s in stops), default=1) + 1)
-        seq.text += new
-        cut = min((i for i in (seq.text.find(s, start) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            seq.text = seq.text[:cut]
-        return cut >= 0
-
-    def _emit(self, seq: Sequence, final: bool) -> None:
-        end = len(seq.text)
-        if not final:
-            end = len(seq.text.rstrip("\ufffd"))  # an incomplete UTF-8 character is still arriving
-            for s in seq.params.stop:  # hold back text that may begin a stop string
-                for k in range(min(len(s) - 1, end), 0, -1):
-                    if seq.text.endswith(s[:k], 0, end):
-                        end -= k
-                        break
-        if end > seq.emitted and seq.on_text:
-            seq.on_text(seq.text[seq.emitted:end])
-        seq.emitted = max(seq.emitted, end)
+        emit(seq, final=False)
 
     def _finish(self, seq: Sequence, reason: str, done: list[Sequence] | None = None) -> None:
         seq.finish_reason = reason
         if reason != "abort":
-            self._emit(seq, final=True)
+            emit(seq, final=True)
         seq.status = Status.FINISHED
         if seq.slot >= 0:
             # The keys and values written: the prompt as far as prefilled, then each output token but

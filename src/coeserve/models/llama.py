@@ -1,7 +1,6 @@
 """The Llama family: Llama 2/3 (with 3.1 rope scaling), Mistral, Qwen2 (QKV bias), SmolLM2."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from coeserve.config import ModelConfig

@@ -19,8 +19,9 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from starlette.concurrency import run_in_threadpool
 
-from coeserve.server.app import VIRTUAL, ApiError
+from coeserve.server.app import VIRTUAL
 from coeserve.server.ollama import read_body
+from coeserve.server.state import ApiError
 
 MAX_INPUTS = 2048  # inputs per request, as OpenAI allows
 MICRO_BATCH = 32  # inputs per forward pass, taken in order of length so that a batch pads little

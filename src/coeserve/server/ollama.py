@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from coeserve import __version__
-from coeserve.server.app import VIRTUAL, ApiError, expert_named, invalid
+from coeserve.server.app import VIRTUAL, expert_named, invalid
 from coeserve.server.schemas import ChatRequest, CompletionRequest
+from coeserve.server.state import ApiError
 from coeserve.server.tools import Tool
 
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # Ollama's, where a request leaves them out

@@ -141,8 +141,9 @@ def warm_codecs(state) -> None:
 def run(cfg: ServeConfig) -> int:
     import uvicorn
 
-    from coeserve.server.app import ServerState, create_app
+    from coeserve.server.app import create_app
     from coeserve.server.metrics import Metrics
+    from coeserve.server.state import ServerState
 
     state = ServerState(max_seq_len=cfg.max_seq_len, default_max_tokens=cfg.max_tokens, api_key=cfg.api_key,
                         max_body=cfg.max_body, metrics=Metrics())

@@ -8,7 +8,7 @@ import asyncio
 import json
 
 from coeserve.engine.sampler import TokenLogprob
-from coeserve.server import schemas
+from coeserve.server import bodies
 from coeserve.server import tools as toolkit
 
 FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
@@ -55,7 +55,7 @@ class _Tally:
         return sum(min(job.seq.cached for job in self.jobs[i:i + self.n]) for i in range(0, len(self.jobs), self.n))
 
     def usage(self) -> dict:
-        return {**schemas.usage(self.prompt_tokens, self.completion_tokens),
+        return {**bodies.usage(self.prompt_tokens, self.completion_tokens),
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}  # as OpenAI gives it
 
 
@@ -63,7 +63,7 @@ def _logprobs(state, job, chat: bool):
     """The choice's logprobs formatter, or one that gives None when the request asked for none."""
     if job.seq.params.logprobs is None:
         return lambda items: None
-    return schemas.Logprobs(state.codec(job.expert).piece, chat)
+    return bodies.Logprobs(state.codec(job.expert).piece, chat)
 
 
 def _prompt_items(seq) -> list:
@@ -89,7 +89,7 @@ async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: b
     """`tools`: (tools, mode, parallel) when tool calls are in play: a choice's text is held while it may
     be calls (server/tools.Held) and calls go out as one tool_calls delta at its finish. `echo`: each
     prompt's text, sent (with its logprobs) as a choice's first chunk once its prompt is in."""
-    rid = schemas.new_id("chatcmpl" if chat else "cmpl")
+    rid = bodies.new_id("chatcmpl" if chat else "cmpl")
     tally, done, failed = _Tally(state, jobs, n), set(), False
     logprobs = [_logprobs(state, job, chat) for job in jobs]
     sent = [0] * len(jobs)  # per choice, the tokens whose logprobs went out
@@ -99,13 +99,13 @@ async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: b
     try:
         if chat:
             for i in range(len(jobs)):
-                yield _sse(schemas.chat_chunk(rid, model, {"role": "assistant", "content": ""}, index=i))
+                yield _sse(bodies.chat_chunk(rid, model, {"role": "assistant", "content": ""}, index=i))
         while len(done) < len(jobs):
             i, kind, payload, at = await events.get()
             if echo and kind != "error" and i not in echoed:
                 echoed.add(i)
                 lp = logprobs[i](_prompt_items(jobs[i].seq))
-                yield _sse(schemas.completion_chunk(rid, model, echo[i // n], logprobs=lp, index=i))
+                yield _sse(bodies.completion_chunk(rid, model, echo[i // n], logprobs=lp, index=i))
             if kind == "text":
                 tally.text(i, at)
                 text, items = payload
@@ -116,13 +116,13 @@ async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: b
                         continue
                 sent[i] += len(items)
                 lp = logprobs[i](items)
-                yield _sse(schemas.chat_chunk(rid, model, {"content": text}, logprobs=lp, index=i) if chat else
-                           schemas.completion_chunk(rid, model, text, logprobs=lp, index=i))
+                yield _sse(bodies.chat_chunk(rid, model, {"content": text}, logprobs=lp, index=i) if chat else
+                           bodies.completion_chunk(rid, model, text, logprobs=lp, index=i))
                 continue
             if kind == "error":
                 failed = True
                 tally.done("error")
-                yield _sse(schemas.error_body(f"{jobs[i].expert} failed: {payload}", "server_error"))
+                yield _sse(bodies.error_body(f"{jobs[i].expert} failed: {payload}", "server_error"))
                 break
             done.add(i)
             seq, calls, rest = payload, None, ""
@@ -134,15 +134,15 @@ async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: b
             if calls:
                 delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
             if delta:
-                yield _sse(schemas.chat_chunk(rid, model, delta, logprobs=lp, index=i))
+                yield _sse(bodies.chat_chunk(rid, model, delta, logprobs=lp, index=i))
                 lp = None
-            yield _sse(schemas.chat_chunk(rid, model, {}, reason, logprobs=lp, index=i) if chat else
-                       schemas.completion_chunk(rid, model, "", reason, logprobs=lp, index=i))
+            yield _sse(bodies.chat_chunk(rid, model, {}, reason, logprobs=lp, index=i) if chat else
+                       bodies.completion_chunk(rid, model, "", reason, logprobs=lp, index=i))
         if not failed:
             tally.done(FINISH.get(jobs[0].seq.finish_reason, "stop"))
             if include_usage:
-                yield _sse(schemas.chat_chunk(rid, model, None, use=tally.usage()) if chat else
-                           schemas.completion_chunk(rid, model, None, use=tally.usage()))
+                yield _sse(bodies.chat_chunk(rid, model, None, use=tally.usage()) if chat else
+                           bodies.completion_chunk(rid, model, None, use=tally.usage()))
         yield "data: [DONE]\n\n"
     finally:
         if len(done) < len(jobs):  # the client went away mid-stream, or a choice failed
@@ -153,7 +153,7 @@ async def stream(state, model: str, jobs, n: int, events: asyncio.Queue, chat: b
 
 async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queue, chat: bool, tools=None,
                   echo=None) -> dict:
-    rid = schemas.new_id("chatcmpl" if chat else "cmpl")
+    rid = bodies.new_id("chatcmpl" if chat else "cmpl")
     tally, done = _Tally(state, jobs, n), set()
     while len(done) < len(jobs):
         try:
@@ -168,7 +168,7 @@ async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queu
         elif kind == "error":
             tally.done("error")
             _cancel(state, jobs, done | {i})
-            return schemas.error_body(f"{jobs[i].expert} failed: {payload}", "server_error")
+            return bodies.error_body(f"{jobs[i].expert} failed: {payload}", "server_error")
         else:
             done.add(i)
     choices = []
@@ -177,9 +177,9 @@ async def collect(state, request, model: str, jobs, n: int, events: asyncio.Queu
         lp = _logprobs(state, job, chat)((_prompt_items(seq) if echo else []) + seq.logprobs)
         if not chat:
             text = echo[i // n] + seq.text if echo else seq.text
-            choices.append(schemas.completion_choice(i, text, FINISH.get(seq.finish_reason, "stop"), lp))
+            choices.append(bodies.completion_choice(i, text, FINISH.get(seq.finish_reason, "stop"), lp))
             continue
         calls = toolkit.calls(seq.text, *tools) if tools else None
-        choices.append(schemas.chat_choice(i, seq.text, _finish(seq, tools, calls), lp, calls))
+        choices.append(bodies.chat_choice(i, seq.text, _finish(seq, tools, calls), lp, calls))
     tally.done(FINISH.get(jobs[0].seq.finish_reason, "stop"))
-    return (schemas.chat_body if chat else schemas.completion_body)(rid, model, choices, tally.usage())
+    return (bodies.chat_body if chat else bodies.completion_body)(rid, model, choices, tally.usage())

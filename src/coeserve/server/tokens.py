@@ -7,8 +7,9 @@ from __future__ import annotations
 from starlette.concurrency import run_in_threadpool
 
 from coeserve.server import tools as toolkit
-from coeserve.server.app import VIRTUAL, ApiError, expert_named
+from coeserve.server.app import VIRTUAL, expert_named
 from coeserve.server.schemas import DetokenizeRequest, TokenizeRequest
+from coeserve.server.state import ApiError
 
 
 def _expert(state, model: str) -> str:
