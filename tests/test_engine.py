@@ -11,7 +11,7 @@ import torch
 from coeserve.config import EngineConfig
 from coeserve.engine.engine import Engine, PromptTooLong
 from coeserve.engine.kv_cache import KVCache
-from coeserve.engine.sampler import penalise
+from coeserve.engine.penalties import penalise
 from coeserve.engine.sequence import SamplingParams, Sequence
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -744,3 +744,19 @@ def test_passes_queued_ahead_give_the_tokens_of_one_pass_a_step():
         out, steps = run(hot, decode_ahead=4, device_sampling=True, **kw)
         assert out == one_hot and steps <= (hot_steps / 2 if kw.get("static_shapes") else hot_steps - 4), kw
         assert counters["stats"]["unique_graphs"] <= graphs and not counters["graph_break"], kw
+    # Penalties and logit bias on the device too, their token tables counting each pass's tokens: greedy
+    # penalised sequences get the tokens of the row-by-row penalties (CPU's), and sampled ones those of
+    # one pass a step.
+    pen = [dict(logit_bias=((reference[0][1], -100.0),)), dict(repetition_penalty=1.3),
+           dict(logit_bias=((reference[2][1], -100.0), (7, 3.0))), dict(presence_penalty=1.5, frequency_penalty=0.5),
+           dict()]
+    strict = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, **k) for m, k in zip(budgets, pen)]
+    rowwise = run(strict, decode_ahead=1)[0]
+    assert all(rowwise[i] != reference[i] for i in range(4)) and rowwise[4] == reference[4]
+    loose = [replace(p, temperature=0.9, seed=i) if i % 2 else p for i, p in enumerate(strict)]
+    one_loose = run(loose, decode_ahead=1, device_sampling=True)[0]
+    assert one_loose[0] == rowwise[0] and one_loose[1] != rowwise[1]
+    for kw in (dict(), dict(fused=True, static_shapes=True)):
+        out, steps = run(strict, decode_ahead=4, device_sampling=True, **kw)
+        assert out == rowwise and steps <= one_pass - 4, kw
+        assert run(loose, decode_ahead=4, device_sampling=True, **kw)[0] == one_loose, kw

@@ -179,8 +179,8 @@ class Engine:
 
     def _ahead(self, seqs: list[Sequence]) -> int:
         """Decode passes this step queues at once (EngineConfig.decode_ahead): several when every
-        sequence takes the most likely token, or samples on the device (device_sampling), with nothing
-        between the logits and the choice (penalties, a grammar, min_tokens, logprobs) and no prompt
+        sequence takes the most likely token, or samples (and penalises) on the device (device_sampling),
+        with nothing else between the logits and the choice (a grammar, min_tokens, logprobs) and no prompt
         could join, as many as the nearest limit (max_tokens, the context) allows. A sequence that stops
         earlier (end of sequence, stop string) wastes the passes left; the steps of the others are unchanged."""
         n = self.decode_ahead
@@ -188,7 +188,7 @@ class Engine:
             return 1
         for s in seqs:
             p = s.params
-            if ((not p.greedy and not self.device_sampling) or p.penalised or p.grammar is not None
+            if (((not p.greedy or p.penalised) and not self.device_sampling) or p.grammar is not None
                     or p.logprobs is not None or len(s.output_ids) < p.min_tokens):
                 return 1
             n = min(n, p.max_tokens - len(s.output_ids), self.max_len - s.length)

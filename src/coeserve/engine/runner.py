@@ -15,7 +15,7 @@ import torch
 
 from coeserve import kernels
 from coeserve.engine.kv_cache import KVCache
-from coeserve.engine.sampler import row_params, sample_batch, uniforms
+from coeserve.engine.sampler import ahead_picker
 from coeserve.engine.sequence import Sequence
 from coeserve.models.common import Group, Layout
 
@@ -173,11 +173,11 @@ class Runner:
     @torch.inference_mode()
     def decode_ahead(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
         """`steps` decode passes in a row, each fed the tokens the last one's logits gave on the device
-        (the argmax; sample_batch for sampled sequences, with their next `steps` uniform numbers drawn
-        first), so the host queues every pass before it waits for any. On CUDA the device then runs them
-        back to back instead of sitting idle while the host reads each token, samples and prepares the
-        next step. The caller keeps every sequence within its limits for `steps` tokens, with nothing
-        between logits and sampling (can_decode_ahead first). Tokens [steps][seqs]."""
+        (sampler.ahead_picker: the argmax, or sampled, after penalties), so the host queues every pass
+        before it waits for any. On CUDA the device then runs them back to back instead of sitting idle
+        while the host reads each token, samples and prepares the next step. The caller keeps every
+        sequence within its limits for `steps` tokens, with nothing between logits and picking that
+        needs the host (can_decode_ahead first). Tokens [steps][seqs]."""
         dev, step = self.device, self._decode
         if self.fused and dev.type == "cuda":
             share_graph_trees()
@@ -194,7 +194,7 @@ class Runner:
         else:
             tokens, positions = [s.last_token for s in seqs], [s.length - 1 for s in seqs]
             rows, step_slots, live, row_seqs = slots, torch.tensor(slots, device=dev), 1, seqs
-        pick = self._picker(row_seqs, steps)
+        pick = ahead_picker(row_seqs, steps, dev)
         t, pos = torch.tensor(tokens, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None]
         longest, out = max(s.length for s in seqs), []
         for k in range(steps):
@@ -207,14 +207,6 @@ class Runner:
         if self.static:
             picked = picked.index_select(1, torch.tensor(slots, device=dev))
         return picked.tolist()
-
-    def _picker(self, row_seqs: list[Sequence | None], steps: int):
-        """(logits, pass k) → each row's token: the argmax when every row decodes greedily, else
-        sample_batch with the rows' parameters and uniform numbers, made once for all passes."""
-        if all(s is None or s.params.greedy for s in row_seqs):
-            return lambda logits, k: logits.argmax(dim=-1)
-        params, u = row_params(row_seqs, self.device), uniforms(row_seqs, steps, self.device)
-        return lambda logits, k: sample_batch(logits, *params, u[k])
 
     def _static_decode(self, step, seqs: list[Sequence], read_len: int) -> torch.Tensor:
         """The compiled step at a static shape: row i is slot i for the first `bucket` slots, so every

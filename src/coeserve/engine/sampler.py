@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from coeserve.engine import grammar
+from coeserve.engine.penalties import DevicePenalties, penalise
 from coeserve.engine.sequence import Sequence
 
 
@@ -34,8 +35,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], ban: dict[int, list[int]]
     guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
     if guided or ban or any(s.params.penalised for s in seqs):
         logits = logits.clone()  # the caller's logits stay raw (token_logprobs reads them)
+        if batched:
+            logits = DevicePenalties(seqs, logits.shape[-1], logits.device).apply(logits)
         for i, s in enumerate(seqs):
-            if s.params.penalised:
+            if s.params.penalised and not batched:
                 penalise(logits[i], s)
         for i, ids in (ban or {}).items():
             logits[i, ids] = float("-inf")
@@ -84,6 +87,28 @@ def uniforms(seqs: list[Sequence | None], n: int, device: torch.device) -> torch
     return torch.tensor(u, device=device)
 
 
+def ahead_picker(row_seqs: list[Sequence | None], steps: int, device: torch.device):
+    """For `steps` passes queued ahead (Runner.decode_ahead), (logits, pass k) → each row's token on the
+    device: the argmax, or sample_batch with the rows' parameters and uniform numbers drawn for all
+    passes first, after the rows' penalties (DevicePenalties, its tables then counting the tokens)."""
+    live = [s for s in row_seqs if s is not None]
+    greedy = all(s.params.greedy for s in live)
+    if greedy and not any(s.params.penalised for s in live):
+        return lambda logits, k: logits.argmax(dim=-1)
+    params = None if greedy else row_params(row_seqs, device)
+    u = None if greedy else uniforms(row_seqs, steps, device)
+    tables: list[DevicePenalties] = []
+
+    def pick(logits: torch.Tensor, k: int) -> torch.Tensor:
+        if not tables:
+            tables.append(DevicePenalties(row_seqs, logits.shape[-1], device))
+        logits = tables[0].apply(logits.float())
+        tokens = logits.argmax(dim=-1) if greedy else sample_batch(logits, *params, u[k])
+        tables[0].advance(tokens)
+        return tokens
+    return pick
+
+
 def sample_batch(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """A token for each row of logits [R, V], all on the device and without a host sync: temperature,
@@ -106,23 +131,6 @@ def sample_batch(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, 
     # u times the mass rounded up to the mass: the last token with any (the kept tokens lead the row)
     at = torch.minimum(at, (probs > 0).sum(dim=-1, keepdim=True) - 1)
     return torch.where(hot, ids.gather(1, at).squeeze(1), logits.argmax(dim=-1))
-
-
-def penalise(row: torch.Tensor, seq: Sequence) -> None:
-    """In place, on one row of logits: HF's repetition penalty over the prompt and output (a positive
-    logit divided by it, a negative one multiplied), then OpenAI's presence and frequency penalties over
-    the output (minus presence once, minus frequency per occurrence), then OpenAI's logit bias (added)."""
-    p, dev = seq.params, row.device
-    if p.repetition_penalty != 1.0:
-        ids = torch.tensor(seq.prompt_ids + seq.output_ids, device=dev).unique()
-        seen = row[ids]
-        row[ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-        counts = torch.bincount(torch.tensor(seq.output_ids, device=dev), minlength=row.numel())[:row.numel()]
-        row -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
-    if p.logit_bias:
-        ids, bias = zip(*p.logit_bias)
-        row.index_add_(0, torch.tensor(ids, device=dev), torch.tensor(bias, device=dev, dtype=row.dtype))
 
 
 NUCLEUS = 256  # top_p looks for its tokens among this many most likely ones first (_nucleus)

@@ -106,6 +106,7 @@ class Sequence:
     # prompt token after the first, filled as the prompt is prefilled
     matcher: object | None = None  # with params.grammar: its xgrammar matcher, made at the first sample
     error: str | None = None  # why the engine ended it ("abort"), when it failed on its own
+    penalty_tables: object | None = None  # with penalties and device sampling: engine/penalties._Tables
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self):
