@@ -760,3 +760,45 @@ def test_passes_queued_ahead_give_the_tokens_of_one_pass_a_step():
         out, steps = run(strict, decode_ahead=4, device_sampling=True, **kw)
         assert out == rowwise and steps <= one_pass - 4, kw
         assert run(loose, decode_ahead=4, device_sampling=True, **kw)[0] == one_loose, kw
+
+
+def test_prompt_lookup_drafts():
+    """propose: what followed the latest earlier occurrence of the longest tail (3, then 2 tokens);
+    accepted: the drafts up to the first the model did not choose, then the model's choice."""
+    from coeserve.engine.speculate import accepted, propose
+
+    assert propose([1, 2, 3, 4, 5, 9, 1, 2, 3], 2) == [4, 5]
+    assert propose([1, 2, 3, 7, 1, 2, 3, 8, 1, 2, 3], 4) == [8, 1, 2, 3]  # the latest occurrence
+    assert propose([5, 2, 3, 6, 9, 9, 2, 3], 3) == [6, 9, 9]  # no 3-token tail before: 2 tokens
+    assert propose([1, 2, 3, 4], 4) == [] and propose([1, 2, 1, 2], 0) == []
+    assert propose([7, 8, 7, 8], 5) == [7, 8]  # stops at the end of what is known
+    assert accepted([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7] and accepted([4, 5, 6], [4, 9, 6, 7]) == [4, 9]
+    assert accepted([4], [3, 1]) == [3]
+
+
+def test_speculation_gives_the_greedy_tokens(smol):
+    """With draft tokens by prompt lookup (EngineConfig.speculate), greedy answers are the tokens of one
+    at a time, in fewer steps where the answer repeats its prompt; sampled sequences in the same batch
+    decode as without drafts, and a prompt joins mid-way."""
+    passage = ("The museum opens at nine and closes at six. Tickets cost twelve euros for adults and six "
+               "euros for children. Tours start every hour from the main hall.")
+    prompts = [chat_ids(smol, f"Repeat this text exactly:\n\n{passage}"),
+               chat_ids(smol, "Count from one to twenty in words, separated by commas."),
+               chat_ids(smol, "Name three colours."), chat_ids(smol, f"Summarise: {passage}")]
+    params = [SamplingParams(max_tokens=48, temperature=0), SamplingParams(max_tokens=40, temperature=0),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=4), SamplingParams(max_tokens=20, temperature=0)]
+
+    def run(k: int) -> tuple[list[list[int]], int, dict]:
+        eng = Engine(smol, EngineConfig(max_batch=4, max_seq_len=512, speculate=k))
+        seqs = [eng.add(eng.make_sequence(p, q)) for p, q in zip(prompts[:3], params)]
+        steps = 0
+        while eng.has_work:
+            if steps == 5:
+                seqs.append(eng.add(eng.make_sequence(prompts[3], params[3])))
+            eng.step()
+            steps += 1
+        return [s.output_ids for s in seqs], steps, eng.speculation
+
+    plain, plain_steps, _ = run(0)
+    drafted, steps, counts = run(4)
+    assert drafted == plain and counts["accepted"] >= 20 and steps <= 0.7 * plain_steps, (steps, plain_steps, counts)

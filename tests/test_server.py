@@ -770,7 +770,8 @@ def test_concurrent_first_requests_load_a_tokenizer_once(store, built):
 
 def test_a_bf16_server_over_fp32_images_answers_as_the_bf16_engine(store, tmp_path):
     """`coe serve --dtype bf16` over an expert imported in fp32 casts it once, at start, and answers what
-    our bf16 engine answers (before the cast, a bind-time cast read the slot while it was being filled)."""
+    our bf16 engine answers (before the cast, a bind-time cast read the slot while it was being filled),
+    also with `--speculate 4`, whose drafts give the same greedy answers in fewer steps."""
     import shutil
 
     from coeserve.config import EngineConfig
@@ -781,14 +782,18 @@ def test_a_bf16_server_over_fp32_images_answers_as_the_bf16_engine(store, tmp_pa
 
     disk = DiskStore(tmp_path / "home")
     shutil.copytree(store.path(SMOL), disk.path(SMOL))
-    question = [{"role": "user", "content": "What is the capital of France?"}]
     ref = load_expert(disk, SMOL, device="cpu", dtype="bf16", max_len=512)
-    want = Engine(ref, EngineConfig(max_batch=1, max_seq_len=512)).generate(
-        [ref.codec.chat_prompt(question)[0]], SamplingParams(max_tokens=12, temperature=0))[0]
-    srv = Live(disk.home, tmp_path, dtype="bf16", experts=[SMOL]).wait_ready()
+    engine = Engine(ref, EngineConfig(max_batch=1, max_seq_len=512))
+    questions = ("What is the capital of France?", "Repeat exactly: the quick brown fox jumps over the lazy dog.")
+    wants = [engine.generate([ref.codec.chat_prompt([{"role": "user", "content": q}])[0]],
+                             SamplingParams(max_tokens=24, temperature=0))[0] for q in questions]
+    srv = Live(disk.home, tmp_path, dtype="bf16", experts=[SMOL], speculate=4).wait_ready()
     try:
-        r = ask(srv.client(key=None))
-        assert (r.choices[0].message.content, r.usage.completion_tokens) == (want.text, len(want.output_ids))
+        for want, question in zip(wants, questions):
+            r = ask(srv.client(key=None), content=question, max_tokens=24)
+            assert (r.choices[0].message.content, r.usage.completion_tokens) == (want.text, len(want.output_ids))
+        kept = srv.metric("coe_draft_tokens_total", expert=SMOL, kind="accepted")
+        assert 0 < kept <= srv.metric("coe_draft_tokens_total", expert=SMOL, kind="drafted")
         assert (disk.path(SMOL) / "cast" / "bf16" / "image.bin").is_file() and disk.info(SMOL).dtype == "fp32"
     finally:
         srv.stop()
@@ -806,6 +811,8 @@ def test_serve_settings_dtype_and_max_wait(tmp_path):
     assert ServeConfig().dtype == "auto" and ServeConfig().max_wait == 5.0
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         ServeConfig(dtype="int4")
+    with pytest.raises(ValueError, match="speculate must be 0"):
+        ServeConfig(speculate=-1)
 
 
 def test_tokenizers_are_loaded_before_the_server_is_ready(store, built):

@@ -118,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill every prompt whole (by default a prompt reuses a free KV slot that holds its "
                         "first tokens, e.g. the last turn of a chat)")
     s.add_argument("--decode-ahead", type=int, metavar="N",
-                   help="decode passes a step queues for a batch that samples greedily, reading the tokens back "
-                        "once (default 8 on CUDA, where the GPU would otherwise wait on the host; 1 on CPU)")
+                   help="decode passes a step queues for a batch with nothing between logits and choice that "
+                        "needs the host, reading the tokens back once (default 8 on CUDA, where the GPU would "
+                        "otherwise wait on the host; 1 on CPU)")
+    s.add_argument("--speculate", type=int, metavar="K",
+                   help="check up to K draft tokens a step for greedy answers, guessed by prompt lookup "
+                        "(the output repeating its context: code edits, quotes); default 0, off")
     _tier_options(s, verbose=False)
     s.add_argument("--ray", action="store_true", help="run as a Ray Serve app (pip install coeserve[ray])")
     s.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
@@ -156,7 +160,7 @@ def cmd_serve(args) -> None:
     from coeserve.server.serve import load_config, run
 
     names = ("host", "port", "api_key", "router", "schedule", "max_batch", "max_seq_len", "max_wait", "device",
-             "dtype", "fused", "prefix_cache", "decode_ahead", "host_memory", "device_slots", "policy")
+             "dtype", "fused", "prefix_cache", "decode_ahead", "speculate", "host_memory", "device_slots", "policy")
     over = {n: getattr(args, n) for n in names}
     over["home"] = args.home
     over["experts"] = tuple(args.experts.split(",")) if args.experts else None

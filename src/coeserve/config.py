@@ -95,12 +95,15 @@ class EngineConfig:
     prefix_cache: bool = True  # a prompt reuses a free KV slot that holds its first tokens (kv_cache.py)
     decode_ahead: int | None = None  # decode passes queued per step (Engine._ahead); None: 8 on CUDA, else 1
     device_sampling: bool | None = None  # sample all rows at once on the device (sampler.sample_batch); None: on CUDA
+    speculate: int = 0  # draft tokens by prompt lookup checked per step for greedy sequences (engine/speculate.py)
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_seq_len < 2 or self.prefill_chunk < 1:
             raise ValueError("engine config: max_batch, max_seq_len and prefill_chunk must be positive")
         if self.decode_ahead is not None and self.decode_ahead < 1:
             raise ValueError("engine config: decode_ahead must be at least 1")
+        if self.speculate < 0:
+            raise ValueError("engine config: speculate must be 0 (off) or more")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"engine config: unknown dtype {self.dtype!r}")
 

@@ -266,7 +266,12 @@ class Scheduler:
     def _step(self, name: str, engine: Engine) -> None:
         if self.metrics and engine.running:
             self.metrics.batch.observe(len(engine.running))
+        drafts = dict(engine.speculation)
         done = engine.step()
+        if self.metrics:
+            for kind, n in engine.speculation.items():
+                if n > drafts[kind]:
+                    self.metrics.drafts.labels(name, kind).inc(n - drafts[kind])
         for req in list(self.active.get(name, ())):
             if req.seq in done or req.seq.finished:
                 self.active[name].remove(req)

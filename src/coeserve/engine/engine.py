@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from coeserve.config import EngineConfig, ModelConfig
-from coeserve.engine import grammar
+from coeserve.engine import grammar, speculate
 from coeserve.engine.kv_cache import MIN_REUSE, KVCache, common
 from coeserve.engine.output import emit, extend
 from coeserve.engine.runner import Runner
@@ -62,6 +62,7 @@ class Engine:
             (DECODE_AHEAD if expert.device.type == "cuda" else 1)
         self.device_sampling = config.device_sampling if config.device_sampling is not None else \
             expert.device.type == "cuda"
+        self.speculation = {"drafted": 0, "accepted": 0}  # draft tokens checked, and kept (EngineConfig.speculate)
 
     @staticmethod
     def _max_len(cfg: ModelConfig, model_len: int, config: EngineConfig) -> int:
@@ -122,20 +123,25 @@ class Engine:
         self._copy_shared()
         decoding = list(self.running)
         chunks = self._chunks()
-        ahead = 1 if chunks else self._ahead(decoding)
+        drafts = self._drafts(decoding)
+        ahead = 1 if chunks or drafts else self._ahead(decoding)
         if ahead > 1:
             for tokens in self.runner.decode_ahead(decoding, ahead):
                 for seq, tok in zip(decoding, tokens):
                     if not seq.finished:
                         self._append(seq, tok, done)
             return done
-        if chunks:
+        if chunks or drafts:
             every = [k for k, (s, _, _) in enumerate(chunks) if s.params.prompt_logprobs is not None]
-            logits = self.runner.packed(decoding, chunks, every)
-            if every:
-                n = len(decoding) + len(chunks)
-                self._prompt_logprobs([chunks[k] for k in every], logits[n:])
-                logits = logits[:n]
+            logits = self.runner.packed(decoding, chunks, every, drafts)
+            n = len(decoding) + len(chunks)
+            logits, extra = logits[:n], logits[n:]
+            used = self._prompt_logprobs([chunks[k] for k in every], extra)
+            if drafts:  # the drafted sequences take their tokens here, the others below
+                self._speculated(decoding, drafts, extra[used:], done)
+                keep = [i for i, s in enumerate(decoding) if s not in drafts]
+                logits = logits[keep + list(range(len(decoding), n))]
+                decoding = [decoding[i] for i in keep]
         elif decoding:
             logits = self.runner.decode(decoding)
         else:
@@ -195,9 +201,10 @@ class Engine:
         return n if n > 1 and self.runner.can_decode_ahead(seqs) else 1
 
     @staticmethod
-    def _prompt_logprobs(chunks: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
+    def _prompt_logprobs(chunks: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> int:
         """Add to each chunk's sequence the logprobs of its prompt tokens lo+1 .. hi (within the prompt),
-        from `logits` at the positions before them, chunk after chunk (Runner.packed's `every` rows)."""
+        from `logits` at the positions before them, chunk after chunk (Runner.packed's `every` rows).
+        The rows of `logits` read."""
         row = 0
         for seq, lo, hi in chunks:
             targets = seq.prompt_ids[lo + 1:min(hi, len(seq.prompt_ids) - 1) + 1]
@@ -205,6 +212,42 @@ class Engine:
                 seq.prompt_logprobs += logprobs_of(logits[row:row + len(targets)], targets,
                                                    seq.params.prompt_logprobs)
             row += len(targets)
+        return row
+
+    def _drafts(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
+        """Draft tokens (by prompt lookup; up to EngineConfig.speculate each, or a sequence's draft_len) for
+        the sequences that take the most likely token with nothing between the logits and the choice,
+        within their limits: every draft accepted and the token after them still fit max_tokens and the
+        context."""
+        k, out = self.config.speculate, {}
+        for s in seqs if k else ():
+            p = s.params
+            if (not p.greedy or p.penalised or p.grammar is not None or p.logprobs is not None
+                    or len(s.output_ids) < p.min_tokens):
+                continue
+            room = min(s.draft_len or k, p.max_tokens - len(s.output_ids) - 1, self.max_len - s.length - 1)
+            drafts = speculate.propose(s.prompt_ids + s.output_ids, room)
+            if drafts:
+                out[s] = drafts
+        return out
+
+    def _speculated(self, decoding: list[Sequence], drafts: dict[Sequence, list[int]], logits: torch.Tensor,
+                    done: list[Sequence]) -> None:
+        """Each drafted sequence's tokens from the logits at its last token's and drafts' positions: the
+        drafts the model would have chosen, in order, then the model's own choice (speculate.accepted)."""
+        choices, row = logits.argmax(dim=-1).tolist(), 0
+        for seq in (s for s in decoding if s in drafts):
+            n = len(drafts[seq]) + 1
+            tokens = speculate.accepted(drafts[seq], choices[row:row + n])
+            row += n
+            self.speculation["drafted"] += n - 1
+            self.speculation["accepted"] += len(tokens) - 1
+            # Next time one draft more than were kept: after a miss, one draft costs one row a pass; a
+            # run of hits soon drafts the most again.
+            seq.draft_len = min(self.config.speculate, len(tokens))
+            for tok in tokens:
+                if not seq.finished:
+                    self._append(seq, tok, done)
 
     def _chunks(self) -> list[tuple[Sequence, int, int]]:
         """Prompt tokens lo..hi of sequences from the front of the prefill queue, at most `prefill_chunk`

@@ -97,13 +97,16 @@ class Runner:
 
     @torch.inference_mode()
     def packed(self, decoding: list[Sequence], chunks: list[tuple[Sequence, int, int]],
-               every: list[int] = ()) -> torch.Tensor:
-        """One forward pass over a decode token of each of `decoding` and prompt tokens lo..hi of each of
-        `chunks`, packed in a row: the weights are read once for all of them and no matmul row is padding.
-        Logits [B, V] in that order (a chunk's at its last token), then, for each chunk numbered in
-        `every`, at each of its positions that precede a prompt token (the prompt's logprobs). Attention
-        runs per group: the single-token rows in one batch, each longer chunk alone."""
-        rows = [(s, s.length - 1, s.length, [s.last_token]) for s in decoding]
+               every: list[int] = (), drafts: dict[Sequence, list[int]] | None = None) -> torch.Tensor:
+        """One forward pass over a decode token of each of `decoding` (followed by its `drafts`, if any)
+        and prompt tokens lo..hi of each of `chunks`, packed in a row: the weights are read once for all
+        of them and no matmul row is padding. Logits [B, V] in that order (a chunk's at its last token),
+        then, for each chunk numbered in `every`, at each of its positions that precede a prompt token
+        (the prompt's logprobs), then at every position of each drafted sequence's tokens, in decoding
+        order. Attention runs per group: the single-token rows in one batch, each longer row alone."""
+        drafts = drafts or {}
+        rows = [(s, s.length - 1, s.length + len(drafts.get(s, ())), [s.last_token, *drafts.get(s, ())])
+                for s in decoding]
         rows += [(s, lo, hi, s.prompt_ids[lo:hi]) for s, lo, hi in chunks]
         tokens, positions, slots, last, starts, n = [], [], [], [], [], 0
         for s, lo, hi, ids in rows:
@@ -139,6 +142,9 @@ class Runner:
             s, lo, hi, _ = rows[len(decoding) + k]
             start = starts[len(decoding) + k]
             last += range(start, start + min(hi, len(s.prompt_ids) - 1) - lo)
+        for r, s in enumerate(decoding):
+            if s in drafts:
+                last += range(starts[r], starts[r] + 1 + len(drafts[s]))
         layout = Layout(groups, back, torch.tensor(last, device=dev))
         return self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev),
                           torch.tensor([slots], device=dev), self.kv, layout=layout)

@@ -107,6 +107,7 @@ class Sequence:
     matcher: object | None = None  # with params.grammar: its xgrammar matcher, made at the first sample
     error: str | None = None  # why the engine ended it ("abort"), when it failed on its own
     penalty_tables: object | None = None  # with penalties and device sampling: engine/penalties._Tables
+    draft_len: int = 0  # draft tokens to propose next (engine/speculate.py); 0: as many as the engine allows
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self):

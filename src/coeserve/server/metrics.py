@@ -21,6 +21,8 @@ class Metrics:
                              buckets=LATENCY, registry=r)
         self.router = Histogram("coe_router_seconds", "Routing time per request", buckets=LATENCY, registry=r)
         self.switches = Counter("coe_switches", "Expert switches by the engine loop", ["expert"], registry=r)
+        self.drafts = Counter("coe_draft_tokens", "Draft tokens checked and kept (--speculate)", ["expert", "kind"],
+                              registry=r)
         self.batch = Histogram("coe_decode_batch_size", "Sequences per decode step", buckets=(1, 2, 4, 8, 16, 32, 64),
                                registry=r)
         self.store, self.scheduler = store, scheduler

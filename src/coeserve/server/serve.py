@@ -34,7 +34,8 @@ class ServeConfig:
     dtype: str = "auto"  # compute dtype: fp32 on CPU, bf16 on CUDA; an image in another dtype is cast once
     fused: bool = False  # decode steps through torch.compile (and CUDA graphs on CUDA)
     prefix_cache: bool = True  # a prompt reuses a free KV slot holding its first tokens (engine/kv_cache.py)
-    decode_ahead: int | None = None  # greedy decode passes per engine step (None: 8 on CUDA, 1 on CPU)
+    decode_ahead: int | None = None  # decode passes per engine step (None: 8 on CUDA, 1 on CPU)
+    speculate: int = 0  # draft tokens by prompt lookup per step for greedy answers (engine/speculate.py)
 
     def __post_init__(self):
         if self.dtype not in COMPUTE_DTYPES:
@@ -45,6 +46,8 @@ class ServeConfig:
             raise ValueError(f"unknown schedule {self.schedule!r} (coe or fcfs)")
         if self.decode_ahead is not None and self.decode_ahead < 1:
             raise ValueError(f"decode_ahead must be at least 1, not {self.decode_ahead}")
+        if self.speculate < 0:
+            raise ValueError(f"speculate must be 0 (off) or more, not {self.speculate}")
         object.__setattr__(self, "experts", tuple(self.experts))
 
 
@@ -97,7 +100,7 @@ def build_node(cfg: ServeConfig, disk, metrics=None, experts: list[str] = ()):
                        on_cast=lambda n, d: print(f"coeserve: casting {n} to {d} (once; kept on disk)", flush=True))
     engine_cfg = EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, device=cfg.device,
                               dtype=cfg.dtype, fused=cfg.fused, prefix_cache=cfg.prefix_cache,
-                              decode_ahead=cfg.decode_ahead)
+                              decode_ahead=cfg.decode_ahead, speculate=cfg.speculate)
     sched = Scheduler(store, engine_cfg, cfg.schedule, cfg.max_queue, cfg.max_wait, metrics=metrics)
     sched.reserve_kv(list(experts))
     if cfg.fused:
