@@ -27,6 +27,9 @@ def test_generate_streams_an_answer(store):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "tok/s" in r.stderr and "finish: stop" in r.stderr
+    again = coe(store.home, "generate", "--expert", SMOL, "--temperature", "0", "--max-tokens", "20", "--speculate",
+                "4", "What is the capital of France?")
+    assert again.returncode == 0 and again.stdout == r.stdout  # drafts change the passes, not the tokens
 
 
 def test_generate_into_a_closed_pipe_stops_quietly(store):

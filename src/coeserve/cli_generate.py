@@ -27,7 +27,8 @@ def _tiers(args):
 def _engine(args, name: str):
     from coeserve.engine.engine import Engine
 
-    cfg = EngineConfig(max_batch=4, max_seq_len=args.max_seq_len, fused=args.fused, device=args.device)
+    cfg = EngineConfig(max_batch=4, max_seq_len=args.max_seq_len, fused=args.fused, device=args.device,
+                       speculate=args.speculate)
     tiers = _tiers(args)
     t = time.perf_counter()
     expert = tiers.acquire(name)  # held until the command ends
@@ -151,6 +152,8 @@ def add_parsers(sub) -> None:
         s.add_argument("--stop", action="append", help="stop string (repeatable)")
         s.add_argument("--max-seq-len", type=int, default=2048)
         s.add_argument("--fused", action="store_true", help="torch.compile the decode step")
+        s.add_argument("--speculate", type=int, default=0, metavar="K",
+                       help="check up to K draft tokens a step by prompt lookup (greedy answers: --temperature 0)")
         s.add_argument("--device", default="auto")
         _tier_options(s)
         s.set_defaults(fn=fn)
