@@ -785,7 +785,7 @@ def test_speculation_gives_the_greedy_tokens(smol):
     prompts = [chat_ids(smol, f"Repeat this text exactly:\n\n{passage}"),
                chat_ids(smol, "Count from one to twenty in words, separated by commas."),
                chat_ids(smol, "Name three colours."), chat_ids(smol, f"Summarise: {passage}")]
-    params = [SamplingParams(max_tokens=48, temperature=0), SamplingParams(max_tokens=40, temperature=0),
+    params = [SamplingParams(max_tokens=48, temperature=0, logprobs=2), SamplingParams(max_tokens=40, temperature=0),
               SamplingParams(max_tokens=12, temperature=0.8, seed=4), SamplingParams(max_tokens=20, temperature=0)]
 
     def run(k: int) -> tuple[list[list[int]], int, dict]:
@@ -797,8 +797,12 @@ def test_speculation_gives_the_greedy_tokens(smol):
                 seqs.append(eng.add(eng.make_sequence(prompts[3], params[3])))
             eng.step()
             steps += 1
-        return [s.output_ids for s in seqs], steps, eng.speculation
+        return [s.output_ids for s in seqs], steps, eng.speculation, seqs[0].logprobs
 
-    plain, plain_steps, _ = run(0)
-    drafted, steps, counts = run(4)
+    plain, plain_steps, _, plain_lps = run(0)
+    drafted, steps, counts, lps = run(4)
     assert drafted == plain and counts["accepted"] >= 20 and steps <= 0.7 * plain_steps, (steps, plain_steps, counts)
+    # A kept draft's logprobs come from the logits at its position in the drafted row.
+    assert [x.token for x in lps] == plain[0] and [[i for i, _ in x.top] for x in lps] == [
+        [i for i, _ in x.top] for x in plain_lps]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(lps, plain_lps)) < 1e-3

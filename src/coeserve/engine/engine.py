@@ -222,8 +222,7 @@ class Engine:
         k, out = self.config.speculate, {}
         for s in seqs if k else ():
             p = s.params
-            if (not p.greedy or p.penalised or p.grammar is not None or p.logprobs is not None
-                    or len(s.output_ids) < p.min_tokens):
+            if not p.greedy or p.penalised or p.grammar is not None or len(s.output_ids) < p.min_tokens:
                 continue
             room = min(s.draft_len or k, p.max_tokens - len(s.output_ids) - 1, self.max_len - s.length - 1)
             drafts = speculate.propose(s.prompt_ids + s.output_ids, room)
@@ -239,15 +238,17 @@ class Engine:
         for seq in (s for s in decoding if s in drafts):
             n = len(drafts[seq]) + 1
             tokens = speculate.accepted(drafts[seq], choices[row:row + n])
+            k = seq.params.logprobs  # each kept token's from the logits it was chosen from, as in one pass
+            lps = logprobs_of(logits[row:row + len(tokens)], tokens, k) if k is not None else [None] * len(tokens)
             row += n
             self.speculation["drafted"] += n - 1
             self.speculation["accepted"] += len(tokens) - 1
             # Next time one draft more than were kept: after a miss, one draft costs one row a pass; a
             # run of hits soon drafts the most again.
             seq.draft_len = min(self.config.speculate, len(tokens))
-            for tok in tokens:
+            for tok, lp in zip(tokens, lps):
                 if not seq.finished:
-                    self._append(seq, tok, done)
+                    self._append(seq, tok, done, lp)
 
     def _chunks(self) -> list[tuple[Sequence, int, int]]:
         """Prompt tokens lo..hi of sequences from the front of the prefill queue, at most `prefill_chunk`
