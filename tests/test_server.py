@@ -415,6 +415,63 @@ def test_tool_calls_required_named_streamed_and_answered(live):
         ask(c, tool_choice="required")
 
 
+def test_responses_api(live):
+    """/v1/responses through the openai client: the chat endpoint's answer as a response (text, usage,
+    incomplete at max_output_tokens), instructions and messages, streamed as typed events whose deltas
+    make the same text, a JSON schema in text.format, function calls and their outputs in the next
+    turn; what is not served is a 400 and the server serves on."""
+    c = live.client()
+    q = "What is the capital of France?"
+    chat = ask(c, content=q, max_tokens=12)
+    r = c.responses.create(model=SMOL, input=q, max_output_tokens=12, temperature=0)
+    assert r.output_text == chat.choices[0].message.content and r.model == SMOL and r.id.startswith("resp_")
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert chat.choices[0].finish_reason == "stop" and r.status == "completed" and r.incomplete_details is None
+    cut = c.responses.create(model=SMOL, input=q, max_output_tokens=3, temperature=0)
+    assert (cut.status, cut.incomplete_details.reason, cut.usage.output_tokens) == ("incomplete", "max_output_tokens", 3)
+    kw = dict(model=SMOL, instructions="Answer in one short sentence.", max_output_tokens=24, temperature=0,
+              input=[{"role": "user", "content": [{"type": "input_text", "text": q}]}])
+    whole = c.responses.create(**kw)
+    events = list(c.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    assert events[-1].response.output_text == whole.output_text and events[-1].response.usage.output_tokens > 0
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    js = c.responses.create(model=SMOL, input="Name a city in France.", max_output_tokens=48, temperature=0,
+                            text={"format": {"type": "json_schema", "name": "city", "schema": schema}})
+    assert set(json.loads(js.output_text)) == {"city"}
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    called = c.responses.create(model=SMOL, input="What is the weather in Paris?", tools=tools, temperature=0,
+                                tool_choice={"type": "function", "name": "get_weather"}, parallel_tool_calls=False,
+                                max_output_tokens=64)
+    [call] = called.output
+    assert call.type == "function_call" and call.name == "get_weather" and "city" in json.loads(call.arguments)
+    streamed = list(c.responses.create(model=SMOL, input="What is the weather in Paris?", tools=tools, stream=True,
+                                       tool_choice={"type": "function", "name": "get_weather"}, temperature=0,
+                                       parallel_tool_calls=False, max_output_tokens=64))
+    [done] = [e.arguments for e in streamed if e.type == "response.function_call_arguments.done"]
+    assert done == call.arguments
+    answer = c.responses.create(model=SMOL, tools=tools, tool_choice="none", max_output_tokens=24, temperature=0,
+                                input=[{"role": "user", "content": "What is the weather in Paris?"},
+                                       {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                                        "arguments": call.arguments},
+                                       {"type": "function_call_output", "call_id": call.call_id,
+                                        "output": "18 degrees and sunny"}])
+    assert answer.output_text and answer.output[0].type == "message"
+    for bad, needle in [(dict(previous_response_id="resp_x"), "not stored"),
+                        (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
+                         "only text parts"), (dict(max_output_tokens=0), "max_output_tokens")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(**{"model": SMOL, "input": q, **bad})
+        assert needle in e.value.body["message"], bad
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="nope", input=q)
+    assert ask(c).choices[0].message.content
+
+
 def ollama_lines(live, path: str, body: dict) -> list[dict]:
     req = urllib.request.Request(live.base + path, data=json.dumps(body).encode(), method="POST",
                                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})

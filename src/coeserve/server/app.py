@@ -162,9 +162,10 @@ def create_app(state: ServerState) -> FastAPI:
             echo.append(text)
         return await _run(state, request, body, prompts, (), chat=False, echo=echo if body.echo else None)
 
-    from coeserve.server import embeddings, ollama, tokens
+    from coeserve.server import embeddings, ollama, responses, tokens
     tokens.add_routes(app, state)
     embeddings.add_routes(app, state)
+    responses.add_routes(app, chat)
     ollama.add_routes(app, state, chat, completions)
     return app
 
