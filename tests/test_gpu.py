@@ -1,6 +1,6 @@
 """CUDA paths: bf16 on the device agrees with fp32 on the CPU, fused decode (torch.compile + CUDA
-graphs, static shapes) agrees with unfused, greedy passes queued ahead give the tokens of one pass a
-step, the store switches exactly, and so does fused serving. Skipped without CUDA.
+graphs, static shapes) agrees with unfused, passes queued ahead (greedy, sampled, penalised) give the
+tokens of one pass a step, the store switches exactly, and so does fused serving. Skipped without CUDA.
 
 The synthetic tests need nothing but torch: they run on a GPU machine where only the repository is at
 hand (`bench/gpu.sh`). Random weights leave near-ties between the top logits, so they compare logits

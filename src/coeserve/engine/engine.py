@@ -17,7 +17,7 @@ from coeserve.engine import grammar, speculate
 from coeserve.engine.kv_cache import MIN_REUSE, KVCache, common
 from coeserve.engine.output import emit, extend
 from coeserve.engine.runner import Runner
-from coeserve.engine.sampler import NONE, logprobs_of, sample, token_logprobs
+from coeserve.engine.sampler import NONE, logprobs_of, prompt_logprobs, sample, token_logprobs
 from coeserve.engine.sequence import SamplingParams, Sequence, Status
 from coeserve.engine.tokenizer import Codec
 
@@ -123,7 +123,8 @@ class Engine:
         self._copy_shared()
         decoding = list(self.running)
         chunks = self._chunks()
-        drafts = self._drafts(decoding)
+        k = self.config.speculate  # draft tokens by prompt lookup (engine/speculate.py)
+        drafts = speculate.drafts(decoding, k, self.max_len) if k else {}
         ahead = 1 if chunks or drafts else self._ahead(decoding)
         if ahead > 1:
             for tokens in self.runner.decode_ahead(decoding, ahead):
@@ -132,16 +133,7 @@ class Engine:
                         self._append(seq, tok, done)
             return done
         if chunks or drafts:
-            every = [k for k, (s, _, _) in enumerate(chunks) if s.params.prompt_logprobs is not None]
-            logits = self.runner.packed(decoding, chunks, every, drafts)
-            n = len(decoding) + len(chunks)
-            logits, extra = logits[:n], logits[n:]
-            used = self._prompt_logprobs([chunks[k] for k in every], extra)
-            if drafts:  # the drafted sequences take their tokens here, the others below
-                self._speculated(decoding, drafts, extra[used:], done)
-                keep = [i for i, s in enumerate(decoding) if s not in drafts]
-                logits = logits[keep + list(range(len(decoding), n))]
-                decoding = [decoding[i] for i in keep]
+            logits, decoding = self._packed(decoding, chunks, drafts, done)
         elif decoding:
             logits = self.runner.decode(decoding)
         else:
@@ -168,6 +160,23 @@ class Engine:
             if not seq.finished:
                 self._append(seq, tok, done, lp)
         return done
+
+    def _packed(self, decoding: list[Sequence], chunks: list[tuple[Sequence, int, int]],
+                drafts: dict[Sequence, list[int]], done: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
+        """The step's packed pass: the prompt chunks (with their prompts' logprobs) and the drafted
+        sequences, which take their tokens here. The logits and the decoding sequences left to sample,
+        as a plain step samples them."""
+        every = [i for i, (s, _, _) in enumerate(chunks) if s.params.prompt_logprobs is not None]
+        logits = self.runner.packed(decoding, chunks, every, drafts)
+        n = len(decoding) + len(chunks)
+        logits, extra = logits[:n], logits[n:]
+        used = prompt_logprobs([chunks[i] for i in every], extra)
+        if drafts:
+            self._speculated(decoding, drafts, extra[used:], done)
+            keep = [i for i, s in enumerate(decoding) if s not in drafts]
+            logits = logits[keep + list(range(len(decoding), n))]
+            decoding = [decoding[i] for i in keep]
+        return logits, decoding
 
     def run_until_done(self) -> None:
         while self.has_work:
@@ -199,36 +208,6 @@ class Engine:
                 return 1
             n = min(n, p.max_tokens - len(s.output_ids), self.max_len - s.length)
         return n if n > 1 and self.runner.can_decode_ahead(seqs) else 1
-
-    @staticmethod
-    def _prompt_logprobs(chunks: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> int:
-        """Add to each chunk's sequence the logprobs of its prompt tokens lo+1 .. hi (within the prompt),
-        from `logits` at the positions before them, chunk after chunk (Runner.packed's `every` rows).
-        The rows of `logits` read."""
-        row = 0
-        for seq, lo, hi in chunks:
-            targets = seq.prompt_ids[lo + 1:min(hi, len(seq.prompt_ids) - 1) + 1]
-            if targets:
-                seq.prompt_logprobs += logprobs_of(logits[row:row + len(targets)], targets,
-                                                   seq.params.prompt_logprobs)
-            row += len(targets)
-        return row
-
-    def _drafts(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
-        """Draft tokens (by prompt lookup; up to EngineConfig.speculate each, or a sequence's draft_len) for
-        the sequences that take the most likely token with nothing between the logits and the choice,
-        within their limits: every draft accepted and the token after them still fit max_tokens and the
-        context."""
-        k, out = self.config.speculate, {}
-        for s in seqs if k else ():
-            p = s.params
-            if not p.greedy or p.penalised or p.grammar is not None or len(s.output_ids) < p.min_tokens:
-                continue
-            room = min(s.draft_len or k, p.max_tokens - len(s.output_ids) - 1, self.max_len - s.length - 1)
-            drafts = speculate.propose(s.prompt_ids + s.output_ids, room)
-            if drafts:
-                out[s] = drafts
-        return out
 
     def _speculated(self, decoding: list[Sequence], drafts: dict[Sequence, list[int]], logits: torch.Tensor,
                     done: list[Sequence]) -> None:

@@ -210,3 +210,16 @@ def logprobs_of(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLo
     top_v, top_i = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
     top_v, top_i = top_v.tolist(), top_i.tolist()
     return [TokenLogprob(t, c, tuple(zip(i, v))) for t, c, i, v in zip(tokens, chosen, top_i, top_v)]
+
+
+def prompt_logprobs(chunks: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> int:
+    """Add to each chunk's sequence the logprobs of its prompt tokens lo+1 .. hi (within the prompt),
+    from `logits` at the positions before them, chunk after chunk (Runner.packed's `every` rows).
+    The rows of `logits` read."""
+    row = 0
+    for seq, lo, hi in chunks:
+        targets = seq.prompt_ids[lo + 1:min(hi, len(seq.prompt_ids) - 1) + 1]
+        if targets:
+            seq.prompt_logprobs += logprobs_of(logits[row:row + len(targets)], targets, seq.params.prompt_logprobs)
+        row += len(targets)
+    return row

@@ -7,6 +7,8 @@ output repeats its context (code edits, quotes, lists), one where it does not. A
 all the weights whatever its few rows, so the drafts it checks cost little on memory-bound hardware."""
 from __future__ import annotations
 
+from coeserve.engine.sequence import Sequence
+
 NGRAM_MAX = 3  # the longest tail looked up first: a longer match predicts better
 NGRAM_MIN = 2  # one token matches too often to predict much
 
@@ -33,3 +35,19 @@ def accepted(drafts: list[int], choices: list[int]) -> list[int]:
     while m < len(drafts) and drafts[m] == choices[m]:
         m += 1
     return choices[:m + 1]
+
+
+def drafts(seqs: list[Sequence], k: int, max_len: int) -> dict[Sequence, list[int]]:
+    """Draft tokens (up to k each, or a sequence's draft_len) for the sequences that take the most likely
+    token with nothing between the logits and the choice, within their limits: every draft accepted and
+    the token after them still fit max_tokens and the context of max_len."""
+    out = {}
+    for s in seqs:
+        p = s.params
+        if not p.greedy or p.penalised or p.grammar is not None or len(s.output_ids) < p.min_tokens:
+            continue
+        room = min(s.draft_len or k, p.max_tokens - len(s.output_ids) - 1, max_len - s.length - 1)
+        found = propose(s.prompt_ids + s.output_ids, room)
+        if found:
+            out[s] = found
+    return out
