@@ -2,7 +2,8 @@
 against the same engine without them, in one run on the same weights: batch-1 decode tokens/s per
 workload, the share of drafts the model kept, and whether both gave the same tokens (they must). The
 workloads are chat prompts whose answers repeat their context (a passage to repeat, code to edit) and
-one whose answer is prose of its own (an explanation), where drafts find less to keep. Each rate is the best of --runs.
+one whose answer is prose of its own (an explanation), where drafts find less to keep, each alone
+(batch 1) and then all three side by side (batch 3, aggregate tokens/s). Each rate is the best of --runs.
 Ends with one JSON line.
 
     python bench/speculate.py                         # CPU: SmolLM2-135M-Instruct, fp32
@@ -42,18 +43,21 @@ WORKLOADS = {  # SmolLM2-135M-Instruct's greedy answers: the passage again; most
 }
 
 
-def decode(engine: Engine, ids: list[int], tokens: int) -> tuple[float, list[int], dict]:
-    """tokens/s of one greedy answer, its tokens, and the engine's draft counts for it."""
-    engine.speculation = {"drafted": 0, "accepted": 0}
-    seq = engine.add(engine.make_sequence(ids, SamplingParams(max_tokens=tokens, temperature=0)))
-    while not seq.output_ids:  # the prefill (and the first token) are not decode
+def decode(engine: Engine, prompts: list[list[int]], tokens: int) -> tuple[float, list[list[int]], dict]:
+    """Decode tokens/s of greedy answers to the prompts side by side, their tokens, and the engine's
+    draft counts for them."""
+    seqs = [engine.add(engine.make_sequence(ids, SamplingParams(max_tokens=tokens, temperature=0)))
+            for ids in prompts]
+    while not all(s.output_ids or s.finished for s in seqs):  # the prefills (and first tokens) are not decode
         engine.step()
     sync(engine.expert.device)
-    start, first = time.perf_counter(), len(seq.output_ids)
+    engine.speculation = {"drafted": 0, "accepted": 0}
+    start, first = time.perf_counter(), sum(len(s.output_ids) for s in seqs)
     while engine.has_work:
         engine.step()
     sync(engine.expert.device)
-    return (len(seq.output_ids) - first) / (time.perf_counter() - start), seq.output_ids, dict(engine.speculation)
+    made = sum(len(s.output_ids) for s in seqs) - first
+    return made / (time.perf_counter() - start), [s.output_ids for s in seqs], dict(engine.speculation)
 
 
 def main(argv=None) -> int:
@@ -71,13 +75,14 @@ def main(argv=None) -> int:
     store = DiskStore(default_home())
     catalog.ensure(store, [args.expert] if args.expert in catalog.BUILTINS else [])
     expert = load_expert(store, args.expert, device=args.device, max_len=2048)
-    engines = {k: Engine(expert, EngineConfig(max_batch=1, max_seq_len=2048, speculate=k))
+    engines = {k: Engine(expert, EngineConfig(max_batch=len(WORKLOADS), max_seq_len=2048, speculate=k))
                for k in (0, args.speculate)}
     result = {"bench": "speculate", "expert": expert.name, "device": device_name(expert.device),
               "threads": torch.get_num_threads(), "speculate": args.speculate}
     print(f"{'workload':10s} {'plain tok/s':>11s} {'drafts tok/s':>12s} {'ratio':>6s} {'kept':>6s} {'same':>5s}")
-    for name, prompt in WORKLOADS.items():
-        ids = expert.codec.chat_prompt([{"role": "user", "content": prompt}])[0]
+    prompts = {name: [expert.codec.chat_prompt([{"role": "user", "content": p}])[0]] for name, p in WORKLOADS.items()}
+    prompts["together"] = [p[0] for p in prompts.values()]  # side by side: a batch of 3
+    for name, ids in prompts.items():
         best = {}
         for _ in range(args.runs):  # alternated, so both see the machine's same moods
             for k, engine in engines.items():
@@ -89,10 +94,10 @@ def main(argv=None) -> int:
         same = plain_out == fast_out
         result[f"{name}_plain_tok_s"], result[f"{name}_speculate_tok_s"] = plain, fast
         result[f"{name}_ratio"], result[f"{name}_kept"], result[f"{name}_same_tokens"] = fast / plain, kept, same
-        result[f"{name}_tokens"] = len(plain_out)
+        result[f"{name}_tokens"] = sum(map(len, plain_out))
         print(f"{name:10s} {plain:11.1f} {fast:12.1f} {fast / plain:5.2f}x {kept:6.0%} {str(same):>5s}")
     write_result(result, args.out)
-    return 0 if all(result[f"{n}_same_tokens"] for n in WORKLOADS) else 1
+    return 0 if all(result[f"{n}_same_tokens"] for n in prompts) else 1
 
 
 if __name__ == "__main__":
