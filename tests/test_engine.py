@@ -760,6 +760,49 @@ def test_passes_queued_ahead_give_the_tokens_of_one_pass_a_step():
         out, steps = run(strict, decode_ahead=4, device_sampling=True, **kw)
         assert out == rowwise and steps <= one_pass - 4, kw
         assert run(loose, decode_ahead=4, device_sampling=True, **kw)[0] == one_loose, kw
+    # Logprobs and min_tokens on the device too: each token's logprobs as one pass a step gives them, and
+    # a stop token held off until min_tokens as long.
+    held = reference[3][2]
+    asks = [replace(greedy[0], logprobs=2), SamplingParams(max_tokens=13, temperature=0.9, seed=2, logprobs=0),
+            greedy[2], SamplingParams(max_tokens=22, temperature=0, stop_token_ids=(held,), min_tokens=10), greedy[4]]
+
+    def with_logprobs(**kw):
+        eng = Engine(expert, EngineConfig(max_batch=4, max_seq_len=256, device_sampling=True, **kw))
+        seqs = [eng.add(eng.make_sequence(p, q)) for p, q in zip(prompts[:4], asks)]
+        steps = 0
+        while eng.has_work:
+            eng.step()
+            steps += 1
+        return [s.output_ids for s in seqs], [s.logprobs for s in seqs], steps
+
+    one_out, one_lps, one_steps = with_logprobs(decode_ahead=1)
+    assert one_out[3][:2] == reference[3][:2] and held not in one_out[3][:10] and len(one_out[3]) >= 10
+    assert [len(x) for x in one_lps] == [3, 13, 0, 0]
+    for kw in (dict(), dict(fused=True, static_shapes=True)):
+        out, lps, steps = with_logprobs(decode_ahead=4, **kw)
+        assert out == one_out and steps < one_steps - 4, kw
+        for mine, theirs in zip(lps, one_lps):
+            assert [(x.token, [i for i, _ in x.top]) for x in mine] == [(x.token, [i for i, _ in x.top]) for x in theirs]
+            assert all(abs(x.logprob - y.logprob) < 1e-5 for x, y in zip(mine, theirs)), kw
+
+
+def test_ahead_picker_holds_ends_off_until_min_tokens():
+    """Passes queued ahead hold a sequence's ends (end of sequence, stop token ids) off for exactly the
+    passes before its min_tokens, and give each picked token's logprobs from the raw logits."""
+    from coeserve.engine.sampler import AheadPicker
+
+    seq = Sequence([1, 2], SamplingParams(max_tokens=10, temperature=0, min_tokens=3, stop_token_ids=(5,),
+                                          logprobs=1))
+    seq.output_ids = [7]  # two more tokens before an end may come
+    logits = torch.zeros(1, 8)
+    logits[0, 5], logits[0, 4], logits[0, 6] = 3.0, 2.0, 2.5  # 6: the end-of-sequence id
+    pick = AheadPicker([seq], 4, torch.device("cpu"), frozenset({6}))
+    picked = torch.stack([pick(logits, k) for k in range(4)])
+    assert picked[:, 0].tolist() == [4, 4, 5, 5]
+    lps = pick.logprobs(picked)
+    raw = torch.log_softmax(logits[0], -1)
+    assert [x[0].token for x in lps] == [4, 4, 5, 5] and all(x[0].top[0][0] == 5 for x in lps)
+    assert abs(lps[0][0].logprob - raw[4].item()) < 1e-6 and abs(lps[3][0].logprob - raw[5].item()) < 1e-6
 
 
 def test_prompt_lookup_drafts():

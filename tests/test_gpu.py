@@ -79,14 +79,15 @@ def test_fused_matches_unfused_on_cuda_synthetic(s1b, forced):
 def test_passes_queued_ahead_on_cuda_give_the_tokens_of_one_pass_a_step(s1b, fused):
     """CUDA's defaults, 8 passes a step each fed the tokens of the last one's logits on the device
     (through the CUDA graphs when fused; the argmax, sample_batch for the sampled sequence, penalties
-    on the device for the penalised one), against
+    on the device for the penalised one, logprobs for the first), against
     one pass a step and tokens read back after each: the same tokens, which here come from the same
     logits and the same uniform numbers, and the same compiled graphs (no recompile)."""
     from torch._dynamo.utils import counters
 
     expert, budgets = s1b("cuda", "bf16"), (5, 9, 19)
     params = [SamplingParams(max_tokens=m, temperature=0.8 if i == 1 else 0, seed=7, ignore_eos=True,
-                             repetition_penalty=1.3 if i == 2 else 1.0) for i, m in enumerate(budgets)]
+                             repetition_penalty=1.3 if i == 2 else 1.0, logprobs=1 if i == 0 else None)
+              for i, m in enumerate(budgets)]
     runs = []
     for ahead in (1, None):
         counters.clear()

@@ -127,10 +127,11 @@ class Engine:
         drafts = speculate.drafts(decoding, k, self.max_len) if k else {}
         ahead = 1 if chunks or drafts else self._ahead(decoding)
         if ahead > 1:
-            for tokens in self.runner.decode_ahead(decoding, ahead):
-                for seq, tok in zip(decoding, tokens):
+            tokens, logprobs = self.runner.decode_ahead(decoding, ahead, self._eos())
+            for k, row in enumerate(tokens):
+                for i, (seq, tok) in enumerate(zip(decoding, row)):
                     if not seq.finished:
-                        self._append(seq, tok, done)
+                        self._append(seq, tok, done, logprobs[k][i] if logprobs else None)
             return done
         if chunks or drafts:
             logits, decoding = self._packed(decoding, chunks, drafts, done)
@@ -194,17 +195,17 @@ class Engine:
 
     def _ahead(self, seqs: list[Sequence]) -> int:
         """Decode passes this step queues at once (EngineConfig.decode_ahead): several when every
-        sequence takes the most likely token, or samples (and penalises) on the device (device_sampling),
-        with nothing else between the logits and the choice (a grammar, min_tokens, logprobs) and no prompt
-        could join, as many as the nearest limit (max_tokens, the context) allows. A sequence that stops
+        sequence takes the most likely token with nothing between the logits and the choice, or picks
+        on the device (device_sampling: sampling, penalties, min_tokens, logprobs), with no grammar, and
+        no prompt could join, as many as the nearest limit (max_tokens, the context) allows. A sequence that stops
         earlier (end of sequence, stop string) wastes the passes left; the steps of the others are unchanged."""
         n = self.decode_ahead
         if n < 2 or not seqs or (self.waiting and self.kv.free) or self.prefilling or not self.inbox.empty():
             return 1
         for s in seqs:
             p = s.params
-            if (((not p.greedy or p.penalised) and not self.device_sampling) or p.grammar is not None
-                    or p.logprobs is not None or len(s.output_ids) < p.min_tokens):
+            host = not p.greedy or p.penalised or p.logprobs is not None or len(s.output_ids) < p.min_tokens
+            if (host and not self.device_sampling) or p.grammar is not None:
                 return 1
             n = min(n, p.max_tokens - len(s.output_ids), self.max_len - s.length)
         return n if n > 1 and self.runner.can_decode_ahead(seqs) else 1

@@ -15,7 +15,7 @@ import torch
 
 from coeserve import kernels
 from coeserve.engine.kv_cache import KVCache
-from coeserve.engine.sampler import ahead_picker
+from coeserve.engine.sampler import AheadPicker, TokenLogprob
 from coeserve.engine.sequence import Sequence
 from coeserve.models.common import Group, Layout
 
@@ -177,13 +177,15 @@ class Runner:
         return self.model.layer_ready is None and (self.static or KVCache.span_of([s.slot for s in seqs]) is not None)
 
     @torch.inference_mode()
-    def decode_ahead(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
+    def decode_ahead(self, seqs: list[Sequence], steps: int, ends=frozenset()
+                     ) -> tuple[list[list[int]], list[list[TokenLogprob | None]] | None]:
         """`steps` decode passes in a row, each fed the tokens the last one's logits gave on the device
-        (sampler.ahead_picker: the argmax, or sampled, after penalties), so the host queues every pass
-        before it waits for any. On CUDA the device then runs them back to back instead of sitting idle
-        while the host reads each token, samples and prepares the next step. The caller keeps every
-        sequence within its limits for `steps` tokens, with nothing between logits and picking that
-        needs the host (can_decode_ahead first). Tokens [steps][seqs]."""
+        (sampler.AheadPicker: the argmax, or sampled, after penalties and min_tokens' held-off `ends`),
+        so the host queues every pass before it waits for any. On CUDA the device then runs them back to
+        back instead of sitting idle while the host reads each token, samples and prepares the next
+        step. The caller keeps every sequence within its limits for `steps` tokens, with nothing between
+        logits and picking that needs the host (can_decode_ahead first). Tokens [steps][seqs], and their
+        logprobs where asked for (None if no sequence asked)."""
         dev, step = self.device, self._decode
         if self.fused and dev.type == "cuda":
             share_graph_trees()
@@ -200,7 +202,7 @@ class Runner:
         else:
             tokens, positions = [s.last_token for s in seqs], [s.length - 1 for s in seqs]
             rows, step_slots, live, row_seqs = slots, torch.tensor(slots, device=dev), 1, seqs
-        pick = ahead_picker(row_seqs, steps, dev)
+        pick = AheadPicker(row_seqs, steps, dev, ends)
         t, pos = torch.tensor(tokens, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None]
         longest, out = max(s.length for s in seqs), []
         for k in range(steps):
@@ -210,9 +212,11 @@ class Runner:
             out.append(nxt)
             t, pos = nxt[:, None], pos + live
         picked = torch.stack(out)
+        logprobs = pick.logprobs(picked)
         if self.static:
             picked = picked.index_select(1, torch.tensor(slots, device=dev))
-        return picked.tolist()
+            logprobs = logprobs and [[row[i] for i in slots] for row in logprobs]
+        return picked.tolist(), logprobs
 
     def _static_decode(self, step, seqs: list[Sequence], read_len: int) -> torch.Tensor:
         """The compiled step at a static shape: row i is slot i for the first `bucket` slots, so every

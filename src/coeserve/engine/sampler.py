@@ -87,26 +87,72 @@ def uniforms(seqs: list[Sequence | None], n: int, device: torch.device) -> torch
     return torch.tensor(u, device=device)
 
 
-def ahead_picker(row_seqs: list[Sequence | None], steps: int, device: torch.device):
-    """For `steps` passes queued ahead (Runner.decode_ahead), (logits, pass k) → each row's token on the
-    device: the argmax, or sample_batch with the rows' parameters and uniform numbers drawn for all
-    passes first, after the rows' penalties (DevicePenalties, its tables then counting the tokens)."""
-    live = [s for s in row_seqs if s is not None]
-    greedy = all(s.params.greedy for s in live)
-    if greedy and not any(s.params.penalised for s in live):
-        return lambda logits, k: logits.argmax(dim=-1)
-    params = None if greedy else row_params(row_seqs, device)
-    u = None if greedy else uniforms(row_seqs, steps, device)
-    tables: list[DevicePenalties] = []
+class AheadPicker:
+    """For `steps` passes queued ahead (Runner.decode_ahead): called with a pass's logits and its number
+    k, each row's token on the device, as one pass a step picks it: min_tokens' banned ends masked while
+    held off, the rows' penalties (DevicePenalties, whose tables then count the token), then the argmax,
+    or sample_batch with uniform numbers drawn for all passes first. For rows that ask, the picked
+    tokens' logprobs from the raw logits, read back after the last pass (`logprobs`). `ends`: the
+    expert's end-of-sequence ids; None rows are no one's."""
 
-    def pick(logits: torch.Tensor, k: int) -> torch.Tensor:
-        if not tables:
-            tables.append(DevicePenalties(row_seqs, logits.shape[-1], device))
-        logits = tables[0].apply(logits.float())
-        tokens = logits.argmax(dim=-1) if greedy else sample_batch(logits, *params, u[k])
-        tables[0].advance(tokens)
+    def __init__(self, row_seqs: list[Sequence | None], steps: int, device: torch.device, ends=frozenset()):
+        live = [s for s in row_seqs if s is not None]
+        self.row_seqs, self.device, self.ends = row_seqs, device, ends
+        self.greedy = all(s.params.greedy for s in live)
+        self.plain = self.greedy and not any(s.params.penalised or s.params.logprobs is not None
+                                             or len(s.output_ids) < s.params.min_tokens for s in live)
+        self.params = None if self.greedy else row_params(row_seqs, device)
+        self.u = None if self.greedy else uniforms(row_seqs, steps, device)
+        self.want = [i for i, s in enumerate(row_seqs) if s is not None and s.params.logprobs is not None]
+        self.top = max((row_seqs[i].params.logprobs for i in self.want), default=0)
+        self.tables, self.recorded = None, []
+
+    def __call__(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        if self.plain:
+            return logits.argmax(dim=-1)
+        if self.tables is None:
+            self._prepare(logits.shape[-1])
+        x = self.tables.apply(logits.float())
+        if self.ban is not None:
+            x = x.masked_fill(self.ban & (self.need > k)[:, None], float("-inf"))
+        tokens = x.argmax(dim=-1) if self.greedy else sample_batch(x, *self.params, self.u[k])
+        self.tables.advance(tokens)
+        if self.want:
+            lp = torch.log_softmax(logits.index_select(0, self.rows).float(), dim=-1)
+            chosen = lp.gather(1, tokens.index_select(0, self.rows)[:, None])[:, 0]
+            top_v, top_i = lp.topk(self.top, dim=-1) if self.top else (lp[:, :0], lp[:, :0].long())
+            self.recorded.append((chosen, top_v, top_i))
         return tokens
-    return pick
+
+    def _prepare(self, vocab: int) -> None:
+        """The penalty tables and the ends each row holds off, for how many more passes."""
+        dev = self.device
+        self.tables = DevicePenalties(self.row_seqs, vocab, dev)
+        self.rows = torch.tensor(self.want, device=dev)
+        need = [max(s.params.min_tokens - len(s.output_ids), 0) if s is not None else 0 for s in self.row_seqs]
+        self.ban = None
+        if any(need):
+            self.ban = torch.zeros(len(self.row_seqs), vocab, dtype=torch.bool, device=dev)
+            for i, s in enumerate(self.row_seqs):
+                if need[i]:
+                    self.ban[i, sorted(self.ends | set(s.params.stop_token_ids))] = True
+            self.need = torch.tensor(need, device=dev)
+
+    def logprobs(self, picked: torch.Tensor) -> list[list[TokenLogprob | None]] | None:
+        """[steps][rows] the picked tokens' logprobs (None for rows that asked for none); None if no row
+        asked. `picked`: [steps, rows], the tokens."""
+        if not self.want:
+            return None
+        chosen, top_v, top_i = (torch.stack(t).tolist() for t in zip(*self.recorded))
+        tokens = picked.tolist()
+        out = []
+        for k in range(len(tokens)):
+            row: list[TokenLogprob | None] = [None] * len(self.row_seqs)
+            for j, i in enumerate(self.want):
+                n = self.row_seqs[i].params.logprobs
+                row[i] = TokenLogprob(tokens[k][i], chosen[k][j], tuple(zip(top_i[k][j][:n], top_v[k][j][:n])))
+            out.append(row)
+        return out
 
 
 def sample_batch(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
