@@ -23,6 +23,7 @@ from coeserve import __version__
 from coeserve.server.app import VIRTUAL, expert_named, invalid
 from coeserve.server.schemas import ChatRequest, CompletionRequest
 from coeserve.server.state import ApiError
+from coeserve.server.stream import chunks_of
 from coeserve.server.tools import Tool
 
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # Ollama's, where a request leaves them out
@@ -189,11 +190,7 @@ async def _answer(response, model: str, was_chat: bool, chat: bool, clock: _Cloc
 
     async def _lines():
         reason = "stop"
-        async for event in response.body_iterator:
-            data = event[len("data: "):].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+        async for chunk in chunks_of(response):
             if "error" in chunk:
                 yield json.dumps({"error": chunk["error"]["message"]}) + "\n"
                 return

@@ -23,6 +23,7 @@ from coeserve.server.app import invalid
 from coeserve.server.ollama import read_body
 from coeserve.server.schemas import ChatRequest
 from coeserve.server.state import ApiError
+from coeserve.server.stream import chunks_of
 
 PASSED = ("temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
           "repetition_penalty", "stop", "logit_bias", "ignore_eos", "min_tokens", "user")  # as the chat endpoint takes them
@@ -179,11 +180,7 @@ def _streamed(response: StreamingResponse, answer: _Answer) -> StreamingResponse
         yield event("response.in_progress", response=answer.body_of([], None, None))
         text, calls, finish, opened = "", [], "stop", False
         where = {"item_id": answer.msg_id, "output_index": 0, "content_index": 0}
-        async for chunk in response.body_iterator:
-            data = chunk[len("data: "):].strip()
-            if data == "[DONE]":
-                break
-            c = json.loads(data)
+        async for c in chunks_of(response):
             if "error" in c:
                 yield event("error", code=c["error"].get("code"), message=c["error"]["message"], param=None)
                 return

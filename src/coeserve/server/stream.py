@@ -71,6 +71,16 @@ def _prompt_items(seq) -> list:
     return [TokenLogprob(seq.prompt_ids[0], None, None), *seq.prompt_logprobs]
 
 
+async def chunks_of(response):
+    """The JSON chunks of one of our SSE streams (a StreamingResponse of `stream`), up to `[DONE]`: what
+    the Ollama and Responses translations read (server/ollama.py, server/responses.py)."""
+    async for event in response.body_iterator:
+        data = event[len("data: "):].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 def _cancel(state, jobs, done: set) -> None:
     for i, job in enumerate(jobs):
         if i not in done:
