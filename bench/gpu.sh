@@ -6,21 +6,21 @@
 #   bash bench/gpu.sh [OUTDIR] [STEP ...]     # OUTDIR: default bench/results
 #
 # Steps, most important first; the default is the first four (8 files back: a device call's limit). On
-# an H200 engine-b1, tests, engine and switch took 76, 50, 150 and 92 s (bench/results/*-h200.*;
-# profile and engine-b1-tuned have not run yet). Each has its own time limit and writes its log and JSON
-# into OUTDIR as it ends, so a short lease still brings back the first ones. All end within GPU_BUDGET
-# seconds of the start (default 570, under one 600 s device call): a step's limit is cut to the time
-# left, and a step with under a minute left is skipped.
+# an H200 engine-b1, tests, profile, engine, engine-b1-tuned and switch took 57-82, 68, 47, 180, 114 and
+# 92 s (bench/results/*-h200.*). Each has its own time limit and writes its log and JSON into OUTDIR as
+# it ends, so a short lease still brings back the first ones. All end within GPU_BUDGET seconds of the
+# start (default 570, under one 600 s device call): a step's limit is cut to the time left, and a step
+# with under a minute left is skipped.
 #   engine-b1  bench/engine.py at batch 1 on a 7B-shaped random Llama in bf16, fused and unfused, with
 #              the engine's 8 passes a step and with one (issue 2's targets: fused >= 70% of the HBM
-#              roofline, fused >= 2x unfused), and sampled, on the device and row by row
+#              roofline, fused >= 2x unfused; met, 71-73 %), and sampled, on the device and row by row
 #   tests      tests/test_gpu.py
 #   profile    bench/step_profile.py: a fused batch-1 token's wall time against its kernels' busy time and
 #              the byte-read ceiling, kernels per token and the costliest ones, with 8 passes a step and 1
-#   engine-b1-tuned  engine-b1 with inductor's coordinate-descent tuning of its generated kernels (the
-#              setting gpt-fast uses; longer compiles), against engine-b1's 64-67 % of the roofline
 #   engine     bench/engine.py at batches 1, 4, 8, 16 (each batch size is compiled and captured anew);
 #              its JSON is written after each batch size, so a step cut short keeps the sizes it measured
+#   engine-b1-tuned  engine-b1 with inductor's coordinate-descent tuning of its generated kernels (the
+#              setting gpt-fast uses; longer compiles): 66 % against engine-b1's 71 % in one lease
 #   switch     bench/switch.py on the 7B shape without the two loaders' baselines (issue 3's (b),
 #              measured and met on the H200)
 #   switch-all bench/switch.py with transformers' and safetensors' loads too (a second 13.5 GB copy)
@@ -29,7 +29,7 @@ cd "$(dirname "$0")/.."
 out=${1:-bench/results}
 shift || true
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(engine-b1 tests profile engine-b1-tuned)
+[ ${#steps[@]} -gt 0 ] || steps=(engine-b1 tests profile engine)
 GPU_BUDGET=${GPU_BUDGET:-570}
 py=${PYTHON:-python3}
 mkdir -p "$out"
